@@ -1,0 +1,33 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both install what they need first.
+.PHONY: setup demo test lint typecheck unit services-up services-down bench
+
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+setup:
+	@scripts/setup.sh
+
+# Until the full demo lands: bring the local services up and run a smoke round trip through them.
+demo: setup
+	$(BIN)/mtlstream services up
+	$(BIN)/mtlstream services smoke
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+# Lint, types, then every test against a real Kafka broker and a real Redis started by the tests.
+test: lint typecheck
+	$(BIN)/pytest
+
+unit: setup
+	$(BIN)/pytest tests/unit
+
+services-up: setup
+	$(BIN)/mtlstream services up
+
+services-down:
+	$(BIN)/mtlstream services down

@@ -1,0 +1,3 @@
+"""learner: online multi-task models, losses and the training daemon."""
+
+__all__: list[str] = []

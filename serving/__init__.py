@@ -1,0 +1,3 @@
+"""serving: the live scorer (HTTP ranking with hot model swap)."""
+
+__all__: list[str] = []
