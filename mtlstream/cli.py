@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "mtlstream.services_cli",
         "start, stop or inspect the local Kafka broker and Redis",
     ),
+    "stream": ("stream.cli", "run the join worker: events -> delayed-label samples"),
+    "simulate": ("stream.simulate_cli", "produce synthetic traffic with known ground truth"),
 }
 
 
@@ -56,7 +58,11 @@ def setup_logging(level: str) -> None:
             },
             "root": {"handlers": ["stderr"], "level": level.upper()},
             # client libraries are chatty at INFO: keep their warnings only
-            "loggers": {name: {"level": "WARNING"} for name in ("kafka", "aiokafka", "faust")},
+            "loggers": {
+                **{name: {"level": "WARNING"} for name in ("kafka", "aiokafka", "faust")},
+                # keeps faust's "Worker ready" line (after table recovery) visible
+                "faust.tables.recovery": {"level": "INFO"},
+            },
         }
     )
 

@@ -1,0 +1,579 @@
+"""Entity features in Redis hashes: pure encoding, pipelined batch reads, newest-event-time writes.
+
+A user or item is one hash (:mod:`feature_store.keys`): one field per feature holding its value as
+JSON text (``3``, ``0.25``, ``"c7"``, ``true``), plus ``_ts``, the event time in epoch ms of the
+newest row applied. A write carrying an older event time than the stored ``_ts`` changes nothing,
+so replays and out-of-order loaders cannot roll features back (Feast's ``_ts`` rule).
+
+I/O is kept apart from logic the sans-IO way: an operation is a *flow*, a generator that yields
+steps (lists of Redis commands, each step one pipelined round trip) and receives their replies.
+:func:`run_flow` drives a flow on a ``redis.Redis``; :func:`arun_flow` on a
+``redis.asyncio.Redis``. The sync and async classes are a line per method on top of the same
+flows, so reads and writes behave identically in the loaders (sync) and the scorer (async).
+
+The scorer's hot path, :func:`read_fields_flow`, reads only the fields its model uses: one EVALSHA
+runs HMGET on the user and every candidate server-side and returns the stored JSON values joined
+into one JSON array, so the client pays one command to pack and one ``orjson.loads`` to decode
+instead of one reply (and one JSON parse) per value. A value that is not JSON (typed by hand in
+redis-cli) sends that request down a per-value fallback with :func:`decode_value`.
+
+Examples
+--------
+>>> fields = encode_features({"item_price": 9.5, "item_category": "c7"})
+>>> fields
+{'item_price': '9.5', 'item_category': '"c7"'}
+>>> decode_row({b"item_price": b"9.5", b"item_category": b'"c7"', b"_ts": b"1000"})
+FeatureRow(features={'item_price': 9.5, 'item_category': 'c7'}, ts_ms=1000)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import numbers
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, TypeAlias, TypeVar
+
+import orjson
+import redis
+import redis.asyncio
+from redis.exceptions import NoScriptError
+
+from feature_store.errors import InvalidFeatureError
+from feature_store.keys import DEFAULT_NAMESPACE, TS_FIELD, Entity, KeySpace
+
+__all__ = [
+    "MERGE_NEWEST",
+    "READ_FIELDS",
+    "READ_FIELDS_JSON",
+    "AsyncFeatureStore",
+    "Command",
+    "FeatureRow",
+    "FeatureStore",
+    "FeatureValue",
+    "FeatureWrite",
+    "FieldRows",
+    "Flow",
+    "LuaScript",
+    "RawHash",
+    "RequestRows",
+    "Step",
+    "aexecute_step",
+    "arun_flow",
+    "as_keyspace",
+    "check_feature_name",
+    "check_ts",
+    "check_ttl",
+    "decode_row",
+    "decode_value",
+    "encode_features",
+    "encode_value",
+    "execute_step",
+    "merge_command",
+    "read_fields_flow",
+    "read_flow",
+    "read_request_flow",
+    "rows_from_values",
+    "run_flow",
+    "text",
+    "write_flow",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FeatureValue: TypeAlias = bool | int | float | str
+#: One Redis command as its arguments, e.g. ``("HGETALL", "mtl:feat:user:42")``.
+Command: TypeAlias = tuple[Any, ...]
+#: Commands sent together in one pipelined round trip; the reply is one result per command.
+Step: TypeAlias = list[Command]
+#: A sans-IO operation: yields steps, receives their replies, returns its result.
+Flow: TypeAlias = Generator[Step, list[Any], T]
+#: An HGETALL reply: bytes or str names and values, as the client's decode_responses has it.
+RawHash: TypeAlias = Mapping[Any, bytes | str]
+
+# sha1 -> source of every LuaScript built, so a NOSCRIPT reply (server restarted, SCRIPT FLUSH)
+# can be repaired by loading the source and re-sending only the commands that failed.
+_SCRIPT_SOURCES: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class LuaScript:
+    """A server-side script called by sha1 (EVALSHA) inside ordinary pipelines.
+
+    redis-py's ``register_script`` costs an extra SCRIPT EXISTS round trip per pipeline; here the
+    runners load a script only when the server answers NOSCRIPT.
+    """
+
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        sha = hashlib.sha1(self.source.encode("utf-8"), usedforsecurity=False).hexdigest()
+        object.__setattr__(self, "sha", sha)
+        _SCRIPT_SOURCES[sha] = self.source
+
+    def command(self, keys: Sequence[str], args: Sequence[Any]) -> Command:
+        """Build the EVALSHA command calling this script."""
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+# KEYS[1] = hash; ARGV = ts field, event time ms, ttl s (0 = keep), then field/value pairs.
+# Applies the row unless the stored event time is strictly newer; ties apply, so a replay of the
+# same row is idempotent. Returns 1 when applied, 0 when ignored.
+MERGE_NEWEST = LuaScript(
+    """
+local prev = tonumber(redis.call('HGET', KEYS[1], ARGV[1]))
+if prev and prev > tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], unpack(ARGV, 4))
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+end
+return 1
+"""
+)
+
+# KEYS = entity hashes; ARGV = field names. Returns one JSON array of len(KEYS) * len(ARGV) values,
+# key-major: each stored value as it is (JSON text, see encode_value) or null when absent. Joining
+# server-side costs Redis ~1 us per key and saves the client one reply object per value.
+READ_FIELDS_JSON = LuaScript(
+    """
+local out = {}
+local m = 0
+local n = #ARGV
+for i = 1, #KEYS do
+  local vals = redis.call('HMGET', KEYS[i], unpack(ARGV))
+  for j = 1, n do
+    m = m + 1
+    out[m] = vals[j] or 'null'
+  end
+end
+return '[' .. table.concat(out, ',') .. ']'
+"""
+)
+
+# Same keys and fields: one array of HMGET replies per key (nil = absent). The fallback of
+# READ_FIELDS_JSON when a stored value is not JSON text.
+READ_FIELDS = LuaScript(
+    """
+local out = {}
+for i = 1, #KEYS do
+  out[i] = redis.call('HMGET', KEYS[i], unpack(ARGV))
+end
+return out
+"""
+)
+
+
+# --- runners: the only code that talks to Redis -------------------------------------------------
+
+
+class _Reload(NamedTuple):
+    """What to repair after NOSCRIPT replies: sources to load and the commands to re-send."""
+
+    sources: list[str]
+    indices: list[int]
+    step: Step
+
+
+def _noscript(step: Step, results: list[Any]) -> _Reload | None:
+    """Plan the repair of a step whose EVALSHA commands got NOSCRIPT, or ``None`` if none did."""
+    indices = [i for i, res in enumerate(results) if isinstance(res, NoScriptError)]
+    if not indices:
+        return None
+    shas = sorted({step[i][1] for i in indices})
+    logger.info("loading %d lua script(s) after NOSCRIPT", len(shas))
+    return _Reload([_SCRIPT_SOURCES[s] for s in shas], indices, [step[i] for i in indices])
+
+
+def _merge(results: list[Any], reload: _Reload, retried: list[Any]) -> list[Any]:
+    """Put the re-sent commands' replies in place, then raise the first error if any."""
+    for i, res in zip(reload.indices, retried, strict=True):
+        results[i] = res
+    return _raise_first_error(results)
+
+
+def _raise_first_error(results: list[Any]) -> list[Any]:
+    for res in results:
+        if isinstance(res, Exception):
+            raise res
+    return results
+
+
+def _send(client: redis.Redis, step: Step) -> list[Any]:
+    with client.pipeline(transaction=False) as pipe:
+        # redis-py leaves the sync Pipeline.execute_command untyped; it only queues the command
+        queue: Callable[..., object] = pipe.execute_command
+        for command in step:
+            queue(*command)
+        return pipe.execute(raise_on_error=False)
+
+
+async def _asend(client: redis.asyncio.Redis, step: Step) -> list[Any]:
+    async with client.pipeline(transaction=False) as pipe:
+        for command in step:
+            pipe.execute_command(*command)
+        return await pipe.execute(raise_on_error=False)
+
+
+def execute_step(client: redis.Redis, step: Step) -> list[Any]:
+    """Send one step in one pipelined round trip and return its replies (first error raised).
+
+    Only a NOSCRIPT reply costs more: the script is loaded and the failed commands re-sent.
+    """
+    if not step:
+        return []
+    results = _send(client, step)
+    reload = _noscript(step, results)
+    if reload is None:
+        return _raise_first_error(results)
+    for source in reload.sources:
+        client.script_load(source)
+    return _merge(results, reload, _send(client, reload.step))
+
+
+async def aexecute_step(client: redis.asyncio.Redis, step: Step) -> list[Any]:
+    """Async :func:`execute_step`."""
+    if not step:
+        return []
+    results = await _asend(client, step)
+    reload = _noscript(step, results)
+    if reload is None:
+        return _raise_first_error(results)
+    for source in reload.sources:
+        await client.script_load(source)
+    return _merge(results, reload, await _asend(client, reload.step))
+
+
+def run_flow(client: redis.Redis, flow: Flow[T]) -> T:
+    """Drive a flow on a sync client: one pipelined round trip per step."""
+    try:
+        step = next(flow)
+        while True:
+            step = flow.send(execute_step(client, step))
+    except StopIteration as stop:
+        result: T = stop.value
+        return result
+
+
+async def arun_flow(client: redis.asyncio.Redis, flow: Flow[T]) -> T:
+    """Drive a flow on an asyncio client: one pipelined round trip per step."""
+    try:
+        step = next(flow)
+        while True:
+            step = flow.send(await aexecute_step(client, step))
+    except StopIteration as stop:
+        result: T = stop.value
+        return result
+
+
+# --- pure encoding ------------------------------------------------------------------------------
+
+
+def text(raw: bytes | str) -> str:
+    """Return a reply as str whether the client decodes responses or not."""
+    return raw.decode("utf-8") if isinstance(raw, bytes) else raw
+
+
+def encode_value(value: object, name: str = "feature") -> str:
+    """Encode one feature value as JSON text; numbers must be finite, strings any text.
+
+    Examples
+    --------
+    >>> encode_value(3), encode_value(0.5), encode_value("s3"), encode_value(True)
+    ('3', '0.5', '"s3"', 'true')
+    """
+    if isinstance(value, bool | str):
+        return orjson.dumps(value).decode("utf-8")
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        if not math.isfinite(number):
+            raise InvalidFeatureError(f"{name}={value!r}: numbers must be finite")
+        return repr(number)
+    raise InvalidFeatureError(f"{name}={value!r}: expected bool, int, float or str")
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def decode_value(raw: bytes | str) -> FeatureValue:
+    """Decode one stored value; text that is not JSON (typed by hand in redis-cli) stays text.
+
+    Examples
+    --------
+    >>> decode_value(b"0.25"), decode_value(b'"c7"'), decode_value(b"s3")
+    (0.25, 'c7', 's3')
+    """
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return text(raw)
+    if isinstance(value, _SCALARS):
+        return value
+    return text(raw)  # a JSON list/object/null is no feature value: keep what was written
+
+
+def check_feature_name(name: object) -> str:
+    """Return ``name`` if it can be a feature field (a non-empty str not starting with ``_``)."""
+    if not isinstance(name, str) or not name:
+        raise InvalidFeatureError(f"feature names must be non-empty str, got {name!r}")
+    if name.startswith("_"):
+        raise InvalidFeatureError(f"feature name {name!r}: names starting with '_' are reserved")
+    return name
+
+
+def encode_features(features: Mapping[str, object]) -> dict[str, str]:
+    """Encode a feature dict to hash fields (metadata fields are added by the writer)."""
+    return {check_feature_name(k): encode_value(v, k) for k, v in features.items()}
+
+
+def check_ts(ts_ms: object) -> int:
+    """Return ``ts_ms`` if it is a non-negative int of epoch milliseconds, else raise."""
+    if isinstance(ts_ms, bool) or not isinstance(ts_ms, int) or ts_ms < 0:
+        raise ValueError(f"event time must be a non-negative int of epoch ms, got {ts_ms!r}")
+    return ts_ms
+
+
+def check_ttl(ttl_s: int | None) -> int:
+    """Return the TTL argument of the merge script: seconds, or 0 for none."""
+    if ttl_s is None:
+        return 0
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, int) or ttl_s < 1:
+        raise ValueError(f"ttl_s must be None or a positive int of seconds, got {ttl_s!r}")
+    return ttl_s
+
+
+@dataclass(frozen=True)
+class FeatureRow:
+    """One entity's features as read back: values by name, and the event time of the newest row."""
+
+    features: dict[str, FeatureValue]
+    # event time (epoch ms) of the newest applied row; None when the hash has no `_ts`
+    ts_ms: int | None
+
+
+def decode_row(raw: RawHash) -> FeatureRow | None:
+    """Decode an HGETALL reply; ``None`` for a missing entity (empty reply)."""
+    if not raw:
+        return None
+    features: dict[str, FeatureValue] = {}
+    ts_ms: int | None = None
+    # the scorer decodes ~500 rows per request: keep this loop lean
+    for key, value in raw.items():
+        name = key.decode("utf-8") if isinstance(key, bytes) else key
+        if name[:1] != "_":
+            features[name] = decode_value(value)
+        elif name == TS_FIELD:
+            ts_ms = int(value)
+    return FeatureRow(features, ts_ms)
+
+
+def merge_command(
+    key: str,
+    fields: Mapping[str, str],
+    ts_ms: int,
+    ttl_s: int | None = None,
+    ts_field: str = TS_FIELD,
+) -> Command:
+    """Build the command applying encoded ``fields`` to ``key`` unless a newer row is stored."""
+    args: list[Any] = [ts_field, check_ts(ts_ms), check_ttl(ttl_s)]
+    for name, value in fields.items():
+        args += (name, value)
+    return MERGE_NEWEST.command([key], args)
+
+
+# --- flows --------------------------------------------------------------------------------------
+
+
+class FeatureWrite(NamedTuple):
+    """One row to write: entity id, feature values, event time (epoch ms)."""
+
+    entity_id: str
+    features: Mapping[str, object]
+    ts_ms: int
+
+
+class RequestRows(NamedTuple):
+    """Features for one ranking request: the user's row and one row per candidate, in order."""
+
+    user: FeatureRow | None
+    items: list[FeatureRow | None]
+
+
+def read_flow(keys: KeySpace, entity: Entity, ids: Sequence[str]) -> Flow[list[FeatureRow | None]]:
+    """Read many entities in one round trip; rows in input order, ``None`` where missing."""
+    replies = yield [("HGETALL", keys.features(entity, i)) for i in ids]
+    return [decode_row(reply) for reply in replies]
+
+
+def read_request_flow(keys: KeySpace, user_id: str, item_ids: Sequence[str]) -> Flow[RequestRows]:
+    """Read the user and every candidate item in one round trip."""
+    step = [("HGETALL", keys.user_features(user_id))]
+    step += [("HGETALL", keys.item_features(i)) for i in item_ids]
+    replies = yield step
+    return RequestRows(decode_row(replies[0]), [decode_row(r) for r in replies[1:]])
+
+
+class FieldRows(NamedTuple):
+    """Selected fields of a user and its candidates, values aligned with ``fields``.
+
+    A row is ``None`` when none of the fields is stored (an unknown entity, or one that has none
+    of these features); inside a row, ``None`` marks one absent field.
+    """
+
+    fields: tuple[str, ...]
+    user: list[FeatureValue | None] | None
+    items: list[list[FeatureValue | None] | None]
+
+
+_SCALAR_TYPES = frozenset({bool, int, float, str, type(None)})
+
+
+def rows_from_values(values: Sequence[FeatureValue | None], width: int) -> list[Any]:
+    """Cut a key-major flat list into rows of ``width`` values; all-``None`` rows become ``None``.
+
+    Examples
+    --------
+    >>> rows_from_values([1, None, None, None, "a", 2.5], 2)
+    [[1, None], None, ['a', 2.5]]
+    """
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    rows: list[Any] = []
+    for start in range(0, len(values), width):
+        row = list(values[start : start + width])
+        rows.append(row if row.count(None) < width else None)
+    return rows
+
+
+def read_fields_flow(
+    keys: KeySpace, user_id: str, item_ids: Sequence[str], fields: Sequence[str]
+) -> Flow[FieldRows]:
+    """Read ``fields`` of the user and every candidate in one round trip (one EVALSHA).
+
+    Values decode as :func:`decode_value` would; the common case (every value JSON text, as the
+    writers store them) costs one ``orjson.loads`` for the whole request.
+    """
+    names = tuple(check_feature_name(f) for f in fields)
+    if not names:
+        raise ValueError("read_fields_flow needs at least one field")
+    key_list = [keys.user_features(user_id), *(keys.item_features(i) for i in item_ids)]
+    (raw,) = yield [READ_FIELDS_JSON.command(key_list, names)]
+    flat = _loads_scalars(raw)
+    if flat is None:
+        logger.info("non-JSON feature values among %d keys: decoding value by value", len(key_list))
+        (nested,) = yield [READ_FIELDS.command(key_list, names)]
+        flat = [None if v is None else decode_value(v) for reply in nested for v in reply]
+    rows = rows_from_values(flat, len(names))
+    return FieldRows(names, rows[0], rows[1:])
+
+
+def _loads_scalars(raw: bytes | str) -> list[FeatureValue | None] | None:
+    """Decode READ_FIELDS_JSON's reply; ``None`` when a value is not JSON or not a scalar."""
+    try:
+        flat = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    # a stored JSON list/object is no feature value; decode_value keeps its text, so defer to it
+    if not isinstance(flat, list) or not _SCALAR_TYPES.issuperset(map(type, flat)):
+        return None
+    return flat
+
+
+def write_flow(
+    keys: KeySpace,
+    entity: Entity,
+    rows: Iterable[FeatureWrite | tuple[str, Mapping[str, object], int]],
+    ttl_s: int | None = None,
+) -> Flow[int]:
+    """Write rows in one round trip, each kept only if not older than the stored one.
+
+    Returns the number of rows applied. Every row is validated before anything is sent, so a bad
+    row fails the batch without a partial write.
+    """
+    step = [
+        merge_command(keys.features(entity, row[0]), encode_features(row[1]), row[2], ttl_s)
+        for row in rows
+    ]
+    replies = yield step
+    return sum(int(r) for r in replies)
+
+
+# --- clients ------------------------------------------------------------------------------------
+
+
+def as_keyspace(namespace: str | KeySpace) -> KeySpace:
+    """Accept a namespace prefix or a ready :class:`KeySpace`."""
+    return namespace if isinstance(namespace, KeySpace) else KeySpace(namespace)
+
+
+class FeatureStore:
+    """Features over a sync ``redis.Redis`` (loaders, tools)."""
+
+    def __init__(self, client: redis.Redis, namespace: str | KeySpace = DEFAULT_NAMESPACE) -> None:
+        self.client = client
+        self.keys = as_keyspace(namespace)
+
+    def read(self, entity: Entity, ids: Sequence[str]) -> list[FeatureRow | None]:
+        """Read entities in one round trip, in input order, ``None`` for missing ones."""
+        return run_flow(self.client, read_flow(self.keys, entity, ids))
+
+    def read_request(self, user_id: str, item_ids: Sequence[str]) -> RequestRows:
+        """Read a user and all candidate items in one round trip."""
+        return run_flow(self.client, read_request_flow(self.keys, user_id, item_ids))
+
+    def read_fields(
+        self, user_id: str, item_ids: Sequence[str], fields: Sequence[str]
+    ) -> FieldRows:
+        """Read only ``fields`` of a user and all candidate items in one round trip."""
+        return run_flow(self.client, read_fields_flow(self.keys, user_id, item_ids, fields))
+
+    def write(
+        self,
+        entity: Entity,
+        rows: Iterable[FeatureWrite | tuple[str, Mapping[str, object], int]],
+        ttl_s: int | None = None,
+    ) -> int:
+        """Write rows in one round trip, newest event time wins; returns how many applied."""
+        return run_flow(self.client, write_flow(self.keys, entity, rows, ttl_s))
+
+
+class AsyncFeatureStore:
+    """Features over a ``redis.asyncio.Redis`` (the scorer, the stream worker)."""
+
+    def __init__(
+        self, client: redis.asyncio.Redis, namespace: str | KeySpace = DEFAULT_NAMESPACE
+    ) -> None:
+        self.client = client
+        self.keys = as_keyspace(namespace)
+
+    async def read(self, entity: Entity, ids: Sequence[str]) -> list[FeatureRow | None]:
+        """Read entities in one round trip, in input order, ``None`` for missing ones."""
+        return await arun_flow(self.client, read_flow(self.keys, entity, ids))
+
+    async def read_request(self, user_id: str, item_ids: Sequence[str]) -> RequestRows:
+        """Read a user and all candidate items in one round trip."""
+        return await arun_flow(self.client, read_request_flow(self.keys, user_id, item_ids))
+
+    async def read_fields(
+        self, user_id: str, item_ids: Sequence[str], fields: Sequence[str]
+    ) -> FieldRows:
+        """Read only ``fields`` of a user and all candidate items in one round trip."""
+        return await arun_flow(self.client, read_fields_flow(self.keys, user_id, item_ids, fields))
+
+    async def write(
+        self,
+        entity: Entity,
+        rows: Iterable[FeatureWrite | tuple[str, Mapping[str, object], int]],
+        ttl_s: int | None = None,
+    ) -> int:
+        """Write rows in one round trip, newest event time wins; returns how many applied."""
+        return await arun_flow(self.client, write_flow(self.keys, entity, rows, ttl_s))

@@ -1,0 +1,190 @@
+"""The faust application of the join worker: `mtlstream stream` or `faust -A stream.app worker`.
+
+One agent reads the three co-partitioned input topics plus an internal tick topic, so one worker
+owns every event of an impression; :class:`stream.worker.JoinWorker` makes the decisions and the
+join state lives in a Table whose changelog survives restarts. Settings come from the
+environment (:class:`stream.settings.StreamSettings`) when this module is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import faust
+import redis.asyncio
+
+from feature_store.counters import AsyncItemCounterWriter, CounterEvent
+from mtlstream.settings import from_env
+from stream.settings import StreamSettings
+from stream.worker import Delivery, JoinWorker
+
+__all__ = ["app", "settings", "worker"]
+
+logger = logging.getLogger(__name__)
+
+settings = from_env(StreamSettings)
+
+app = faust.App(
+    settings.app_id,
+    broker=f"kafka://{settings.kafka_bootstrap}",
+    # In-memory table: the changelog topic is the durable copy, replayed on start.
+    store="memory://",
+    topic_partitions=settings.partitions,
+    table_standby_replicas=0,
+    web_enabled=False,
+    datadir=settings.data_dir,
+    autodiscover=False,
+    consumer_auto_offset_reset="earliest",
+    processing_guarantee="at_least_once",
+    producer_linger_ms=5,
+    producer_max_batch_size=256 * 1024,
+    stream_buffer_maxsize=16384,
+    broker_commit_every=10_000,
+    broker_commit_interval=1.0,
+)
+
+
+def _raw_topic(*names: str) -> faust.TopicT:
+    # Raw bytes: faust never decodes (a decode error would crash the agent); the worker does,
+    # and dead-letters what it cannot read. internal=True lets faust create missing topics
+    # with our partition count.
+    return app.topic(
+        *names,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+        internal=True,
+    )
+
+
+inputs = _raw_topic(*settings.input_topics, settings.ticks_topic)
+ticks = _raw_topic(settings.ticks_topic)
+samples = _raw_topic(settings.samples_topic)
+dead_letters = _raw_topic(settings.dead_letters_topic)
+forwards = {name: _raw_topic(name) for name in settings.input_topics}
+join_state = app.Table(
+    "join_state", key_type=bytes, value_type=bytes, partitions=settings.partitions
+)
+counter_events = app.channel()
+
+worker = JoinWorker(
+    settings.join_config(),
+    settings.decode_limits(),
+    settings.input_topics,
+    idle_timeout_ms=settings.idle_timeout_ms,
+)
+
+
+class FaustSink:
+    """Buffered sends through faust's producer (flushed before every offset commit)."""
+
+    def __init__(self) -> None:
+        self.counters: list[CounterEvent] = []
+
+    def sample(self, key: bytes, value: bytes) -> Delivery:
+        fut: Delivery = samples.send_soon(key=key, value=value)
+        return fut
+
+    def dead_letter(self, value: bytes) -> None:
+        dead_letters.send_soon(key=None, value=value)
+
+    def forward(self, topic: str, key: bytes, value: bytes) -> None:
+        forwards[topic].send_soon(key=key, value=value)
+
+    def counter(self, item_id: str, kind: str, ts: int) -> None:
+        if settings.counters_enabled:
+            self.counters.append(CounterEvent(item_id, kind, ts))  # type: ignore[arg-type]
+
+
+sink = FaustSink()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@app.agent(inputs)
+async def join(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+    """Join impressions, clicks and follow-on clicks into samples (one record at a time)."""
+    async for event in stream.events():
+        msg = event.message
+        if msg.topic == settings.ticks_topic:
+            worker.on_tick(msg.partition, table=join_state, sink=sink, now_ms=_now_ms())
+        else:
+            worker.on_record(
+                msg.topic,
+                msg.partition,
+                msg.offset,
+                event.key,
+                event.value,
+                table=join_state,
+                sink=sink,
+                now_ms=_now_ms(),
+            )
+        if sink.counters:
+            batch, sink.counters = sink.counters, []
+            for item in batch:
+                await counter_events.send(value=item)
+        yield None
+
+
+@app.agent(counter_events)
+async def write_counters(stream: faust.StreamT[Any]) -> AsyncIterator[None]:
+    """Write live item counters to Redis in batches."""
+    client = redis.asyncio.Redis.from_url(settings.redis_url)
+    writer = AsyncItemCounterWriter(client, namespace=settings.namespace)
+    try:
+        async for batch in stream.take(settings.counter_batch, within=settings.counter_within_s):
+            events = [CounterEvent(*e) for e in batch]
+            try:
+                await writer.write(events)
+            except redis.RedisError as exc:
+                # counters are best effort: the join must not stop because Redis is away
+                logger.warning("counter batch of %s dropped: %r", len(events), exc)
+            yield None
+    finally:
+        await client.aclose()
+
+
+async def send_ticks() -> None:
+    """Send a tick into every assigned input partition so idle partitions still expire keys."""
+    for tp in app.consumer.assignment():
+        if tp.topic == settings.impressions_topic:
+            ticks.send_soon(key=b"tick", value=b"", partition=tp.partition)
+
+
+async def log_status() -> None:
+    """One status line: throughput, samples per kind, dead letters, lateness, watermark lag."""
+    worker.metrics.open_keys(worker.open_keys())
+    logger.info("stream %s open_keys=%s", worker.metrics.status_line(), worker.open_keys())
+
+
+def on_assigned(sender: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+    """Keep the deadline indexes of partitions we still own; the rest are rebuilt on return."""
+    assigned: set[Any] = args[0] if args else kwargs.get("assigned", set())
+    owned = {tp.partition for tp in assigned if tp.topic == settings.impressions_topic}
+    worker.revoke({p for p in list(worker.tracker.partitions()) if p not in owned})
+
+
+async def start_metrics_server() -> None:
+    """Expose Prometheus metrics when MTL_STREAM_METRICS_PORT is set."""
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port)
+        logger.info("metrics on :%s/metrics", settings.metrics_port)
+
+
+# registered as calls, not decorators: faust's decorators are untyped
+app.timer(interval=settings.tick_interval_s)(send_ticks)
+app.timer(interval=settings.log_every_s)(log_status)
+app.task(start_metrics_server)
+app.on_partitions_assigned.connect(on_assigned)
+
+if __name__ == "__main__":
+    app.main()

@@ -1,0 +1,286 @@
+"""The join worker's record handling, independent of faust: decode, watermark, join, emit.
+
+:class:`JoinWorker` is driven by the faust agent (``stream/agents.py``) one record at a time and
+talks to the outside through a :class:`Sink` and a table (any ``MutableMapping[bytes, bytes]``;
+in production the faust Table whose changelog makes it durable). Tests drive it with a dict.
+
+Durability: a key's state that records an emitted sample is written to the table only once the
+sample is acknowledged by Kafka (until then it is *deferred* and served from memory). After a
+crash the table therefore never claims a sample that Kafka lost: the older state is recovered,
+its deadline is already due, and the sample is emitted again with the same ``sample_id``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from stream.errors import BadEventError, BadStateError
+from stream.events import (
+    DecodeLimits,
+    Event,
+    Impression,
+    dead_letter,
+    dead_letter_for,
+    decode_event,
+    encode_sample,
+)
+from stream.join import JoinConfig, JoinResult, JoinState, deadline, step
+from stream.metrics import StreamMetrics
+from stream.watermark import NO_WATERMARK, DeadlineIndex, WatermarkTracker
+
+__all__ = ["Delivery", "JoinWorker", "Sink"]
+
+logger = logging.getLogger(__name__)
+
+Table = MutableMapping[bytes, bytes]
+
+
+class Delivery(Protocol):
+    """A pending Kafka send (faust's FutureMessage is one)."""
+
+    def done(self) -> bool: ...
+
+
+class Sink(Protocol):
+    """Where the worker's output goes; every method returns at once (buffered sends)."""
+
+    def sample(self, key: bytes, value: bytes) -> Delivery: ...
+
+    def dead_letter(self, value: bytes) -> None: ...
+
+    def forward(self, topic: str, key: bytes, value: bytes) -> None: ...
+
+    def counter(self, item_id: str, kind: str, ts: int) -> None: ...
+
+
+@dataclass(slots=True)
+class _Deferred:
+    """A key's newest state, held back from the table until its samples are acknowledged."""
+
+    value: bytes | None  # encoded state to write; None: delete the key
+    pending: list[Delivery] = field(default_factory=list)
+
+
+class JoinWorker:
+    """Applies records of co-partitioned input topics to the join state of their partition.
+
+    Parameters
+    ----------
+    config
+        Join windows and mode.
+    limits
+        What the input decoder accepts.
+    topics
+        Actual input topic name -> record kind (``impressions``, ``clicks``, ``follow_clicks``).
+    idle_timeout_ms
+        Wall-clock time after which an input partition with nothing to read stops holding the
+        watermark back.
+    """
+
+    def __init__(
+        self,
+        config: JoinConfig,
+        limits: DecodeLimits,
+        topics: dict[str, str],
+        idle_timeout_ms: int,
+        metrics: StreamMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.limits = limits
+        self.topics = topics
+        self.metrics = metrics or StreamMetrics()
+        self.tracker = WatermarkTracker(
+            allowed_lateness_ms=config.allowed_lateness_ms,
+            idle_timeout_ms=idle_timeout_ms,
+            topics=sorted(set(topics.values())),
+        )
+        self._indexes: dict[int, DeadlineIndex] = {}
+        self._deferred: dict[int, dict[bytes, _Deferred]] = {}
+
+    # -- entry points -------------------------------------------------------------------------
+
+    def on_record(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes | None,
+        *,
+        table: Table,
+        sink: Sink,
+        now_ms: int,
+    ) -> None:
+        """Handle one input record read from ``topic`` / ``partition`` at ``offset``."""
+        kind = self.topics[topic]
+        self._ensure_partition(partition, table, now_ms)
+        self.metrics.event(kind)
+        try:
+            event = decode_event(kind, value, limits=self.limits, now_ms=now_ms)
+        except BadEventError as exc:
+            self.tracker.observe(kind, partition, None, now_ms)
+            self._dead_letter(sink, dead_letter(topic, partition, offset, value, exc.reason))
+            return
+        imp_key = event.impression_id.encode()
+        if key != imp_key:
+            # Keyed otherwise (or not at all): send it to the partition that owns its impression.
+            self.tracker.observe(kind, partition, None, now_ms)
+            self.metrics.repartition()
+            sink.forward(topic, imp_key, value or b"")
+            return
+        self.tracker.observe(kind, partition, event.ts, now_ms)
+        watermark = self.tracker.watermark(partition, now_ms)
+        self._apply(partition, imp_key, event, watermark, table, sink, now_ms)
+        self._expire(partition, watermark, table, sink, now_ms)
+
+    def on_tick(self, partition: int, *, table: Table, sink: Sink, now_ms: int) -> None:
+        """Advance an (idle) partition: confirm deferred writes and emit what is due."""
+        self._ensure_partition(partition, table, now_ms)
+        watermark = self.tracker.watermark(partition, now_ms)
+        self._expire(partition, watermark, table, sink, now_ms)
+
+    def revoke(self, partitions: set[int]) -> None:
+        """Forget partitions that a rebalance took away (their new owner rebuilds them)."""
+        for p in partitions:
+            self._indexes.pop(p, None)
+            self._deferred.pop(p, None)
+            self.tracker.revoke(p)
+
+    def open_keys(self) -> int:
+        """Keys waiting for a deadline, over all partitions."""
+        return sum(len(idx) for idx in self._indexes.values())
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _ensure_partition(self, partition: int, table: Table, now_ms: int) -> None:
+        """On the first record of a newly assigned partition, index its recovered keys."""
+        if partition in self._indexes:
+            return
+        index = DeadlineIndex()
+        self._indexes[partition] = index
+        self._deferred[partition] = {}
+        self.tracker.assign(partition, now_ms)
+        recovered = 0
+        for key, raw in list(table.items()):
+            state, owner = self._decode_state(key, raw)
+            if owner == partition and state is not None:
+                index.set(key.decode(), deadline(state, self.config))
+                recovered += 1
+        if recovered:
+            logger.info("partition=%s recovered_keys=%s", partition, recovered)
+
+    def _decode_state(self, key: bytes, raw: bytes | None) -> tuple[JoinState | None, int]:
+        if raw is None:
+            return None, -1
+        try:
+            obj = orjson.loads(raw)
+            return JoinState.from_dict(obj), int(obj.get("pt", -1))
+        except (orjson.JSONDecodeError, BadStateError, AttributeError, TypeError, ValueError):
+            logger.warning("unreadable join state for key %r: dropped", key[:80])
+            return None, -1
+
+    def _load(
+        self, partition: int, key: bytes, table: Table
+    ) -> tuple[JoinState | None, bytes | None]:
+        deferred = self._deferred[partition].get(key)
+        raw = deferred.value if deferred is not None else table.get(key)
+        return self._decode_state(key, raw)[0], raw
+
+    def _apply(
+        self,
+        partition: int,
+        key: bytes,
+        event: Event | None,
+        watermark: int,
+        table: Table,
+        sink: Sink,
+        now_ms: int,
+    ) -> None:
+        before, raw = self._load(partition, key, table)
+        result = step(before, event, watermark, self.config, now_ms=now_ms)
+        self._count(before, event, result, sink, partition)
+        after = result.state
+        value = None
+        if after is not None:
+            encoded = after.to_dict()
+            encoded["pt"] = partition
+            value = orjson.dumps(encoded)
+        deliveries = [self._emit(sink, key, s) for s in result.samples]
+        self._store(partition, key, raw, value, deliveries, table)
+        self._indexes[partition].set(key.decode(), deadline(after, self.config))
+
+    def _emit(self, sink: Sink, key: bytes, sample: Any) -> Delivery:
+        self.metrics.sample(sample.kind)
+        return sink.sample(key, encode_sample(sample))
+
+    def _store(
+        self,
+        partition: int,
+        key: bytes,
+        old: bytes | None,
+        new: bytes | None,
+        deliveries: list[Delivery],
+        table: Table,
+    ) -> None:
+        deferred = self._deferred[partition]
+        held = deferred.get(key)
+        if deliveries or held is not None:
+            if held is None:
+                held = deferred[key] = _Deferred(new)
+            held.value = new
+            held.pending.extend(deliveries)
+        elif new != old:
+            if new is None:
+                table.pop(key, None)
+            else:
+                table[key] = new
+
+    def _confirm(self, partition: int, table: Table) -> None:
+        """Write deferred states whose samples Kafka has acknowledged."""
+        deferred = self._deferred[partition]
+        done = [k for k, d in deferred.items() if all(p.done() for p in d.pending)]
+        for key in done:
+            value = deferred.pop(key).value
+            if value is None:
+                table.pop(key, None)
+            else:
+                table[key] = value
+
+    def _expire(
+        self, partition: int, watermark: int, table: Table, sink: Sink, now_ms: int
+    ) -> None:
+        self._confirm(partition, table)
+        if watermark == NO_WATERMARK:
+            return
+        self.metrics.watermark(partition, now_ms - watermark)
+        for key in self._indexes[partition].pop_due(watermark):
+            self._apply(partition, key.encode(), None, watermark, table, sink, now_ms)
+
+    def _count(
+        self,
+        before: JoinState | None,
+        event: Event | None,
+        result: JoinResult,
+        sink: Sink,
+        partition: int,
+    ) -> None:
+        for name, n in result.counters.items():
+            self.metrics.anomaly(name, n)
+        for orphan in result.orphans:
+            self._dead_letter(sink, dead_letter_for(orphan.event, partition, orphan.reason))
+        after = result.state
+        if after is None or after.item_id is None:
+            return
+        if isinstance(event, Impression) and (before is None or before.imp_ts is None):
+            sink.counter(after.item_id, "impression", event.ts)
+        if after.click_ts is not None and (before is None or before.click_ts is None):
+            sink.counter(after.item_id, "click", after.click_ts)
+
+    def _dead_letter(self, sink: Sink, letter: Any) -> None:
+        self.metrics.dead_letter(letter.reason)
+        sink.dead_letter(orjson.dumps(letter.to_dict()))
