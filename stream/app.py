@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator, MutableMapping
+from typing import Any, cast
 
 import faust
 import redis.asyncio
@@ -101,35 +101,74 @@ class FaustSink:
             self.counters.append(CounterEvent(item_id, kind, ts))  # type: ignore[arg-type]
 
 
+class ChangelogTable(MutableMapping[bytes, bytes]):
+    """The join Table, written with an explicit changelog partition.
+
+    faust's ``table[key] = value`` takes the changelog partition from the *current* event,
+    which is ambiguous when a batch of events is processed at once; the worker says which
+    partition it is working on instead (the partition of the record being handled).
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.partition = 0
+
+    def __getitem__(self, key: bytes) -> bytes:
+        value: bytes = self.table.data[key]
+        return value
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        self.table.data[key] = value
+        self.table.send_changelog(self.partition, key, value)
+
+    def __delitem__(self, key: bytes) -> None:
+        del self.table.data[key]
+        self.table.send_changelog(self.partition, key, None)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.table.data)
+
+    def __len__(self) -> int:
+        return len(self.table.data)
+
+
 sink = FaustSink()
+table = ChangelogTable(join_state)
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _handle(event: faust.EventT[bytes], now_ms: int) -> None:
+    msg = event.message
+    table.partition = msg.partition
+    if msg.topic == settings.ticks_topic:
+        worker.on_tick(msg.partition, table=table, sink=sink, now_ms=now_ms)
+    else:
+        worker.on_record(
+            msg.topic,
+            msg.partition,
+            msg.offset,
+            msg.key,
+            msg.value,
+            table=table,
+            sink=sink,
+            now_ms=now_ms,
+        )
+
+
 @app.agent(inputs)
 async def join(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-    """Join impressions, clicks and follow-on clicks into samples (one record at a time)."""
-    async for event in stream.events():
-        msg = event.message
-        if msg.topic == settings.ticks_topic:
-            worker.on_tick(msg.partition, table=join_state, sink=sink, now_ms=_now_ms())
-        else:
-            worker.on_record(
-                msg.topic,
-                msg.partition,
-                msg.offset,
-                event.key,
-                event.value,
-                table=join_state,
-                sink=sink,
-                now_ms=_now_ms(),
-            )
+    """Join impressions, clicks and follow-on clicks into samples, a batch of records at a time."""
+    batches = cast(faust.Stream[bytes], stream).take_events  # StreamT does not declare it
+    async for events in batches(settings.batch_size, within=settings.batch_within_s):
+        now_ms = _now_ms()
+        for event in events:
+            _handle(event, now_ms)
         if sink.counters:
             batch, sink.counters = sink.counters, []
-            for item in batch:
-                await counter_events.send(value=item)
+            await counter_events.send(value=batch)
         yield None
 
 
@@ -139,8 +178,8 @@ async def write_counters(stream: faust.StreamT[Any]) -> AsyncIterator[None]:
     client = redis.asyncio.Redis.from_url(settings.redis_url)
     writer = AsyncItemCounterWriter(client, namespace=settings.namespace)
     try:
-        async for batch in stream.take(settings.counter_batch, within=settings.counter_within_s):
-            events = [CounterEvent(*e) for e in batch]
+        async for lists in stream.take(settings.counter_batch, within=settings.counter_within_s):
+            events = [CounterEvent(*e) for batch in lists for e in batch]
             try:
                 await writer.write(events)
             except redis.RedisError as exc:

@@ -49,6 +49,9 @@ class StreamSettings:
     idle_timeout_ms: int = env_field(10_000, "MTL_IDLE_TIMEOUT_MS", "idle partition timeout")
     # how often each assigned partition gets a tick record (drives expiry when idle)
     tick_interval_s: float = env_field(1.0, "MTL_TICK_INTERVAL_S", "tick interval (s)")
+    # records handled per agent iteration (faust take_events), and the longest wait for a batch
+    batch_size: int = env_field(500, "MTL_STREAM_BATCH", "records per batch")
+    batch_within_s: float = env_field(0.05, "MTL_STREAM_BATCH_WITHIN_S", "batch wait (s)")
     # input validation
     max_event_bytes: int = env_field(64 * 1024, "MTL_MAX_EVENT_BYTES", "max event size")
     # event times further than this past the wall clock are impossible; -1 turns it off
@@ -56,8 +59,9 @@ class StreamSettings:
     max_future_skew_ms: int = env_field(3_600_000, "MTL_MAX_FUTURE_SKEW_MS", "future skew")
     # live item counters in Redis
     counters_enabled: bool = env_field(True, "MTL_COUNTERS", "write live item counters")
-    counter_batch: int = env_field(2000, "MTL_COUNTER_BATCH", "counter events per Redis batch")
-    counter_within_s: float = env_field(1.0, "MTL_COUNTER_WITHIN_S", "max wait per batch (s)")
+    # lists of counter events (one list per join batch) per Redis write
+    counter_batch: int = env_field(50, "MTL_COUNTER_BATCH", "join batches per Redis write")
+    counter_within_s: float = env_field(2.0, "MTL_COUNTER_WITHIN_S", "max wait per batch (s)")
     # operations
     metrics_port: int = env_field(0, "MTL_STREAM_METRICS_PORT", "Prometheus port (0: off)")
     log_every_s: float = env_field(10.0, "MTL_STREAM_LOG_EVERY_S", "status line interval (s)")

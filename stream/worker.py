@@ -13,6 +13,7 @@ its deadline is already due, and the sample is emitted again with the same ``sam
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -101,6 +102,8 @@ class JoinWorker:
         )
         self._indexes: dict[int, DeadlineIndex] = {}
         self._deferred: dict[int, dict[bytes, _Deferred]] = {}
+        # keys in the order their samples were sent: acknowledgements arrive roughly in order
+        self._deferred_order: dict[int, deque[bytes]] = {}
 
     # -- entry points -------------------------------------------------------------------------
 
@@ -149,6 +152,7 @@ class JoinWorker:
         for p in partitions:
             self._indexes.pop(p, None)
             self._deferred.pop(p, None)
+            self._deferred_order.pop(p, None)
             self.tracker.revoke(p)
 
     def open_keys(self) -> int:
@@ -164,6 +168,7 @@ class JoinWorker:
         index = DeadlineIndex()
         self._indexes[partition] = index
         self._deferred[partition] = {}
+        self._deferred_order[partition] = deque()
         self.tracker.assign(partition, now_ms)
         recovered = 0
         for key, raw in list(table.items()):
@@ -232,6 +237,7 @@ class JoinWorker:
         if deliveries or held is not None:
             if held is None:
                 held = deferred[key] = _Deferred(new)
+                self._deferred_order[partition].append(key)
             held.value = new
             held.pending.extend(deliveries)
         elif new != old:
@@ -241,15 +247,18 @@ class JoinWorker:
                 table[key] = new
 
     def _confirm(self, partition: int, table: Table) -> None:
-        """Write deferred states whose samples Kafka has acknowledged."""
-        deferred = self._deferred[partition]
-        done = [k for k, d in deferred.items() if all(p.done() for p in d.pending)]
-        for key in done:
-            value = deferred.pop(key).value
-            if value is None:
+        """Write deferred states whose samples Kafka has acknowledged (oldest first)."""
+        deferred, order = self._deferred[partition], self._deferred_order[partition]
+        while order:
+            held = deferred[order[0]]
+            if not all(p.done() for p in held.pending):
+                return  # later sends are acknowledged after this one: check again next time
+            key = order.popleft()
+            del deferred[key]
+            if held.value is None:
                 table.pop(key, None)
             else:
-                table[key] = value
+                table[key] = held.value
 
     def _expire(
         self, partition: int, watermark: int, table: Table, sink: Sink, now_ms: int

@@ -7,11 +7,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 import redis
 
 from stream.join import JoinConfig
+from tests.conftest import free_port
 from tests.integration.stream_harness import (
     LogRecord,
     StreamEnv,
@@ -211,3 +213,38 @@ def _events_seen(log_text: str) -> int:
     """Events a worker read, from its last status line."""
     lines = [line for line in log_text.splitlines() if "stream events=" in line]
     return int(lines[-1].split("stream events=")[1].split()[0]) if lines else 0
+
+
+def test_early_mode_emits_provisional_then_corrections(
+    spawn: Spawn, kafka_bootstrap: str, redis_url: str, tmp_path: Path
+) -> None:
+    early = {
+        "MTL_JOIN_MODE": "early",
+        "MTL_EARLY_WAIT_MS": "5000",
+        "MTL_ALLOWED_LATENESS_MS": "1000",
+    }
+    early["MTL_STREAM_METRICS_PORT"] = str(free_port())
+    senv = StreamEnv(kafka_bootstrap, redis_url, tmp_path, extra=early)
+    log = simulated_log(800, seed=16)
+    want = _expected(log)
+    closing = closing_impressions(senv.partitions, horizon(log, CONFIG))
+    worker = spawn(senv)
+    worker.wait_ready()
+    produce(senv, log + closing)
+    raw = consume_all(kafka_bootstrap, senv.topic("samples"), until=len(want.labels))
+    metrics = httpx.get(f"http://127.0.0.1:{early['MTL_STREAM_METRICS_PORT']}/metrics").text
+    assert worker.stop() == 0
+    got = samples_by_impression(raw)
+    assert set(want.labels) <= set(got)
+    corrected = 0
+    for imp_id, labels in want.labels.items():
+        revisions = sorted(got[imp_id], key=lambda s: s.revision)
+        assert revisions[0].kind == "early" and revisions[0].sample_id == imp_id
+        assert [s.revision for s in revisions] == list(range(len(revisions)))
+        assert all(s.kind == "correction" for s in revisions[1:])
+        assert len({s.sample_id for s in revisions}) == len(revisions)
+        assert revisions[-1].labels == labels, imp_id  # the last revision carries the truth
+        corrected += len(revisions) > 1
+    assert corrected > 0, "no click arrived after the early wait: the test proves nothing"
+    assert 'mtl_stream_samples_total{kind="correction"}' in metrics
+    assert "mtl_stream_events_total" in metrics

@@ -1,0 +1,136 @@
+"""Joined samples/s through the real broker for one stream worker, beside a same-run baseline.
+
+A backlog of simulated events (impressions, clicks, follow-on clicks, plus one closing
+impression per partition) is produced first; then one `mtlstream stream` worker is started and
+timed from its first input record to the last sample. The baseline in the same run is a
+kafka-python consume -> produce passthrough over the same backlog (one output record per input
+impression, no join, no state): the cost of the broker round trip alone.
+
+Usage:  .venv/bin/python benchmarks/stream_e2e.py [--impressions 100000] [--bootstrap HOST:PORT]
+Without --bootstrap (or KAFKA_BOOTSTRAP_SERVERS) it starts a private Kafka + Redis with the
+project's launcher on free ports and stops them at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kafka import KafkaConsumer, KafkaProducer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mtlstream import services
+from stream.join import JoinConfig
+from tests.conftest import free_port
+from tests.integration.stream_harness import (
+    StreamEnv,
+    WorkerProc,
+    closing_impressions,
+    horizon,
+    produce,
+    simulated_log,
+)
+
+logger = logging.getLogger("bench.stream")
+
+
+def passthrough(senv: StreamEnv, n_impressions: int) -> float:
+    """Consume the three input topics and produce one record per impression; return seconds."""
+    topics = [senv.topic(k) for k in ("impressions", "clicks", "follow_clicks")]
+    consumer = KafkaConsumer(
+        *topics,
+        bootstrap_servers=senv.bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=f"baseline-{senv.tag}",
+    )
+    producer = KafkaProducer(bootstrap_servers=senv.bootstrap, linger_ms=5, batch_size=256 * 1024)
+    out, start = 0, None
+    while out < n_impressions:
+        for tp, records in consumer.poll(timeout_ms=1000, max_records=5000).items():
+            start = start or time.perf_counter()
+            for r in records:
+                if tp.topic == topics[0]:
+                    producer.send(senv.topic("baseline"), key=r.key, value=r.value)
+                    out += 1
+    producer.flush()
+    elapsed = time.perf_counter() - (start or time.perf_counter())
+    consumer.close()
+    producer.close()
+    return elapsed
+
+
+def count_samples(senv: StreamEnv, want: int, timeout_s: float, start: float) -> tuple[int, float]:
+    """Wait until ``want`` samples exist; return (count, seconds from ``start`` to the last)."""
+    consumer = KafkaConsumer(
+        senv.topic("samples"),
+        bootstrap_servers=senv.bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    n, last = 0, start
+    deadline = time.monotonic() + timeout_s
+    while n < want and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=500, max_records=10000).values():
+            n += len(records)
+            last = time.perf_counter()
+    consumer.close()
+    return n, last - start
+
+
+def run(bootstrap: str, redis_url: str, impressions: int, workdir: Path) -> None:
+    senv = StreamEnv(bootstrap, redis_url, workdir, extra={"MTL_COUNTERS": "true"})
+    log = simulated_log(impressions, seed=1)
+    closing = closing_impressions(senv.partitions, horizon(log, JoinConfig()))
+    events = produce(senv, log + closing)
+    logger.info("backlog: %s events, %s impressions", events, impressions)
+
+    base_s = passthrough(senv, impressions)
+    worker = WorkerProc(senv)
+    worker.wait_ready()  # timed from here: the whole backlog is still unread
+    n, join_s = count_samples(senv, impressions, timeout_s=600, start=time.perf_counter())
+    worker.stop()
+    rows = [
+        ("baseline passthrough (kafka-python)", impressions / base_s, base_s),
+        ("stream worker, joined samples", n / join_s if join_s else 0.0, join_s),
+    ]
+    print(f"\n{'path':<40} {'per s':>10} {'seconds':>9}")
+    for name, rate, secs in rows:
+        print(f"{name:<40} {rate:>10,.0f} {secs:>9.2f}")
+    ratio = rows[1][1] / rows[0][1]
+    print(f"samples emitted: {n} of {impressions}; ratio worker/baseline: {ratio:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--impressions", type=int, default=100_000)
+    parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        if args.bootstrap and args.redis_url:
+            run(args.bootstrap, args.redis_url, args.impressions, workdir)
+            return
+        settings = services.ServicesSettings(
+            data_dir=workdir / "services",
+            kafka_port=free_port(),
+            kafka_controller_port=free_port(),
+            redis_port=free_port(),
+        )
+        try:
+            services.up(settings)
+            run(settings.kafka_bootstrap, settings.redis_url, args.impressions, workdir)
+        finally:
+            services.down(settings)
+
+
+if __name__ == "__main__":
+    main()
