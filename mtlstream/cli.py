@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "stream": ("stream.cli", "run the join worker: events -> delayed-label samples"),
     "simulate": ("stream.simulate_cli", "produce synthetic traffic with known ground truth"),
+    "learn": ("learner.cli", "run the online learner: samples -> training -> Redis snapshots"),
+    "report": ("learner.report", "plot the learner's metrics and expert utilisation (PNG)"),
 }
 
 

@@ -246,7 +246,7 @@ class Sample:
         labels = _sub(obj, "labels")
         masks = _sub(obj, "masks")
         kind = obj.get("kind")
-        if kind not in _KINDS:
+        if not isinstance(kind, str) or kind not in _KINDS:  # a list is unhashable
             raise BadEventError("bad_value:kind")
         return cls(
             sample_id=_req_str(obj, "sample_id", 1 << 16),

@@ -307,6 +307,7 @@ def test_masks_follow_the_sample_spaces() -> None:
         b"[]",
         b"{",
         orjson.dumps({**_sample().to_dict(), "kind": "maybe"}),
+        orjson.dumps({**_sample().to_dict(), "kind": ["final"]}),
         orjson.dumps({**_sample().to_dict(), "labels": [1, 0, 0]}),
         orjson.dumps({**_sample().to_dict(), "labels": {"click": True, "conversion": 0, "ysl": 0}}),
         orjson.dumps({k: v for k, v in _sample().to_dict().items() if k != "masks"}),
