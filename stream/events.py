@@ -81,7 +81,7 @@ SampleKind: TypeAlias = Literal["final", "early", "correction"]
 YslSpace: TypeAlias = Literal["clicked", "all"]
 
 _SCALARS: Final = frozenset({str, int, float, bool})
-_KINDS: Final = frozenset({"final", "early", "correction"})
+_KINDS: Final = ("final", "early", "correction")  # a tuple: `in` must not hash a bad value
 _MISSING: Final = object()
 
 
@@ -246,7 +246,7 @@ class Sample:
         labels = _sub(obj, "labels")
         masks = _sub(obj, "masks")
         kind = obj.get("kind")
-        if not isinstance(kind, str) or kind not in _KINDS:  # a list is unhashable
+        if kind not in _KINDS:
             raise BadEventError("bad_value:kind")
         return cls(
             sample_id=_req_str(obj, "sample_id", 1 << 16),
