@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stream": ("stream.cli", "run the join worker: events -> delayed-label samples"),
     "simulate": ("stream.simulate_cli", "produce synthetic traffic with known ground truth"),
     "learn": ("learner.cli", "run the online learner: samples -> training -> Redis snapshots"),
+    "model": ("feature_store.model_cli", "list, show or roll back model snapshots in Redis"),
     "report": ("learner.report", "plot the learner's metrics and expert utilisation (PNG)"),
 }
 
