@@ -84,8 +84,8 @@ def count_samples(senv: StreamEnv, want: int, timeout_s: float, start: float) ->
     return n, last - start
 
 
-def run(bootstrap: str, redis_url: str, impressions: int, workdir: Path) -> None:
-    senv = StreamEnv(bootstrap, redis_url, workdir, extra={"MTL_COUNTERS": "true"})
+def run(bootstrap: str, redis_url: str, impressions: int, workdir: Path, counters: bool) -> None:
+    senv = StreamEnv(bootstrap, redis_url, workdir, extra={"MTL_COUNTERS": str(counters).lower()})
     log = simulated_log(impressions, seed=1)
     closing = closing_impressions(senv.partitions, horizon(log, JoinConfig()))
     events = produce(senv, log + closing)
@@ -96,6 +96,9 @@ def run(bootstrap: str, redis_url: str, impressions: int, workdir: Path) -> None
     worker.wait_ready()  # timed from here: the whole backlog is still unread
     n, join_s = count_samples(senv, impressions, timeout_s=600, start=time.perf_counter())
     worker.stop()
+    for line in worker.text().splitlines():
+        if "stream events=" in line:
+            logger.info("worker: %s", line.split("INFO] ")[-1][:160])
     rows = [
         ("baseline passthrough (kafka-python)", impressions / base_s, base_s),
         ("stream worker, joined samples", n / join_s if join_s else 0.0, join_s),
@@ -112,12 +115,14 @@ def main() -> None:
     parser.add_argument("--impressions", type=int, default=100_000)
     parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    parser.add_argument("--no-counters", action="store_true", help="live item counters off")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         if args.bootstrap and args.redis_url:
-            run(args.bootstrap, args.redis_url, args.impressions, workdir)
+            run(args.bootstrap, args.redis_url, args.impressions, workdir, not args.no_counters)
             return
         settings = services.ServicesSettings(
             data_dir=workdir / "services",
@@ -127,7 +132,13 @@ def main() -> None:
         )
         try:
             services.up(settings)
-            run(settings.kafka_bootstrap, settings.redis_url, args.impressions, workdir)
+            run(
+                settings.kafka_bootstrap,
+                settings.redis_url,
+                args.impressions,
+                workdir,
+                not args.no_counters,
+            )
         finally:
             services.down(settings)
 

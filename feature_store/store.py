@@ -11,11 +11,12 @@ steps (lists of Redis commands, each step one pipelined round trip) and receives
 ``redis.asyncio.Redis``. The sync and async classes are a line per method on top of the same
 flows, so reads and writes behave identically in the loaders (sync) and the scorer (async).
 
-The scorer's hot path, :func:`read_fields_flow`, reads only the fields its model uses: one EVALSHA
-runs HMGET on the user and every candidate server-side and returns the stored JSON values joined
-into one JSON array, so the client pays one command to pack and one ``orjson.loads`` to decode
-instead of one reply (and one JSON parse) per value. A value that is not JSON (typed by hand in
-redis-cli) sends that request down a per-value fallback with :func:`decode_value`.
+The scorer's hot path, :func:`read_fields_flow`, reads only the fields its model uses: one HMGET
+per entity, all in one step. The stored values are JSON text already, so the whole step is
+decoded with one ``orjson.loads`` of the values joined into a JSON array instead of one parse per
+value; a value that is not JSON (typed by hand in redis-cli) sends the step down
+:func:`decode_value`, value by value. :class:`feature_store.pipe.RawPipeline` runs such a step
+faster than redis-py.
 
 Examples
 --------
@@ -34,7 +35,7 @@ import math
 import numbers
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeAlias, TypeVar
+from typing import Any, NamedTuple, TypeAlias, TypeVar, cast
 
 import orjson
 import redis
@@ -42,12 +43,11 @@ import redis.asyncio
 from redis.exceptions import NoScriptError
 
 from feature_store.errors import InvalidFeatureError
+from feature_store.keys import _FORBIDDEN as _FORBIDDEN_IN_KEYS
 from feature_store.keys import DEFAULT_NAMESPACE, TS_FIELD, Entity, KeySpace
 
 __all__ = [
     "MERGE_NEWEST",
-    "READ_FIELDS",
-    "READ_FIELDS_JSON",
     "AsyncFeatureStore",
     "Command",
     "FeatureRow",
@@ -68,15 +68,18 @@ __all__ = [
     "check_ttl",
     "decode_row",
     "decode_value",
+    "decode_values",
     "encode_features",
     "encode_value",
     "execute_step",
+    "feature_keys",
     "merge_command",
     "read_fields_flow",
     "read_flow",
     "read_request_flow",
     "rows_from_values",
     "run_flow",
+    "surely_valid_parts",
     "text",
     "write_flow",
 ]
@@ -138,38 +141,6 @@ end
 return 1
 """
 )
-
-# KEYS = entity hashes; ARGV = field names. Returns one JSON array of len(KEYS) * len(ARGV) values,
-# key-major: each stored value as it is (JSON text, see encode_value) or null when absent. Joining
-# server-side costs Redis ~1 us per key and saves the client one reply object per value.
-READ_FIELDS_JSON = LuaScript(
-    """
-local out = {}
-local m = 0
-local n = #ARGV
-for i = 1, #KEYS do
-  local vals = redis.call('HMGET', KEYS[i], unpack(ARGV))
-  for j = 1, n do
-    m = m + 1
-    out[m] = vals[j] or 'null'
-  end
-end
-return '[' .. table.concat(out, ',') .. ']'
-"""
-)
-
-# Same keys and fields: one array of HMGET replies per key (nil = absent). The fallback of
-# READ_FIELDS_JSON when a stored value is not JSON text.
-READ_FIELDS = LuaScript(
-    """
-local out = {}
-for i = 1, #KEYS do
-  out[i] = redis.call('HMGET', KEYS[i], unpack(ARGV))
-end
-return out
-"""
-)
-
 
 # --- runners: the only code that talks to Redis -------------------------------------------------
 
@@ -454,10 +425,51 @@ def rows_from_values(values: Sequence[FeatureValue | None], width: int) -> list[
     return rows
 
 
+def surely_valid_parts(values: Sequence[object], max_bytes: int) -> bool:
+    """Whether every value is certainly a valid key part, checked on all of them at once.
+
+    A conservative shortcut for hundreds of ids: True only for non-empty printable strs without a
+    forbidden character, short enough that even 4 UTF-8 bytes per char fit ``max_bytes``. False
+    means "check them one by one with :func:`check_part`", which names the problem, if any.
+
+    Examples
+    --------
+    >>> surely_valid_parts(["i1", "i2"], 256), surely_valid_parts(["i1", "a:b"], 256)
+    (True, False)
+    """
+    if not values or not all(type(v) is str for v in values):
+        return False
+    strs = cast(Sequence[str], values)
+    joined = "".join(strs)
+    return (
+        min(map(len, strs)) > 0
+        and max(map(len, strs)) * 4 <= max_bytes
+        and joined.isprintable()
+        and _FORBIDDEN_IN_KEYS.search(joined) is None
+    )
+
+
+def feature_keys(keys: KeySpace, entity: Entity, ids: Sequence[str]) -> list[str]:
+    """Keys of many entities' hashes, exactly ``[keys.features(entity, i) for i in ids]``.
+
+    Checking 500 ids one by one costs more than reading them from Redis, so they are checked
+    at once (:func:`surely_valid_parts`), falling back to one by one (and its error).
+
+    Examples
+    --------
+    >>> feature_keys(KeySpace(), "item", ["i1", "i2"])
+    ['mtl:feat:item:i1', 'mtl:feat:item:i2']
+    """
+    if surely_valid_parts(ids, keys.max_part_bytes):
+        prefix = keys.features(entity, "_")[:-1]  # the layout stays defined in keys.py
+        return [prefix + i for i in ids]
+    return [keys.features(entity, i) for i in ids]
+
+
 def read_fields_flow(
     keys: KeySpace, user_id: str, item_ids: Sequence[str], fields: Sequence[str]
 ) -> Flow[FieldRows]:
-    """Read ``fields`` of the user and every candidate in one round trip (one EVALSHA).
+    """Read ``fields`` of the user and every candidate in one round trip (one HMGET each).
 
     Values decode as :func:`decode_value` would; the common case (every value JSON text, as the
     writers store them) costs one ``orjson.loads`` for the whole request.
@@ -465,27 +477,39 @@ def read_fields_flow(
     names = tuple(check_feature_name(f) for f in fields)
     if not names:
         raise ValueError("read_fields_flow needs at least one field")
-    key_list = [keys.user_features(user_id), *(keys.item_features(i) for i in item_ids)]
-    (raw,) = yield [READ_FIELDS_JSON.command(key_list, names)]
-    flat = _loads_scalars(raw)
-    if flat is None:
-        logger.info("non-JSON feature values among %d keys: decoding value by value", len(key_list))
-        (nested,) = yield [READ_FIELDS.command(key_list, names)]
-        flat = [None if v is None else decode_value(v) for reply in nested for v in reply]
-    rows = rows_from_values(flat, len(names))
+    step: Step = [("HMGET", keys.user_features(user_id), *names)]
+    step += [("HMGET", key, *names) for key in feature_keys(keys, "item", item_ids)]
+    replies = yield step
+    values = decode_values([value for reply in replies for value in reply])
+    rows = rows_from_values(values, len(names))
     return FieldRows(names, rows[0], rows[1:])
 
 
-def _loads_scalars(raw: bytes | str) -> list[FeatureValue | None] | None:
-    """Decode READ_FIELDS_JSON's reply; ``None`` when a value is not JSON or not a scalar."""
+def decode_values(raw: Sequence[bytes | str | None]) -> list[FeatureValue | None]:
+    """Decode many stored values (``None`` = absent) at once, as :func:`decode_value` would.
+
+    Examples
+    --------
+    >>> decode_values([b"1.5", None, b'"c7"', b"typed-by-hand"])
+    [1.5, None, 'c7', 'typed-by-hand']
+    """
     try:
-        flat = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    # a stored JSON list/object is no feature value; decode_value keeps its text, so defer to it
-    if not isinstance(flat, list) or not _SCALAR_TYPES.issuperset(map(type, flat)):
-        return None
-    return flat
+        # a str reply (a client with decode_responses) makes the join raise TypeError
+        parts: list[Any] = [b"null" if v is None else v for v in raw]
+        joined = b",".join(parts)
+        values: list[FeatureValue | None] | None = orjson.loads(b"[" + joined + b"]")
+    except (TypeError, orjson.JSONDecodeError):
+        values = None
+    # one odd value (not JSON, a JSON list/object, a stored "null") spoils the joined parse or
+    # its result: then decode value by value
+    if (
+        values is None
+        or len(values) != len(raw)
+        or not _SCALAR_TYPES.issuperset(map(type, values))
+        or values.count(None) != raw.count(None)
+    ):
+        return [None if v is None else decode_value(v) for v in raw]
+    return values
 
 
 def write_flow(

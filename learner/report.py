@@ -119,9 +119,10 @@ def plot_metrics(history: History, out_dir: Path) -> list[Path]:
         for i, task in enumerate(tasks):
             color = f"C{i}"
             xs, ys = _series(history, f"{task}.{metric}")
-            ax.plot(xs, ys, color=color, label=f"{task} (cumulative)")
+            # markers: a short run may have a single point, which a bare line does not draw
+            ax.plot(xs, ys, color=color, marker="o", ms=3, label=f"{task} (cumulative)")
             xs, ys = _series(history, f"{task}.{metric}_w")
-            ax.plot(xs, ys, color=color, linestyle="--", label=f"{task} (window)")
+            ax.plot(xs, ys, color=color, marker="x", ms=3, ls="--", label=f"{task} (window)")
         ax.set_xlabel("samples trained")
         ax.set_ylabel(title)
         ax.set_title(f"progressive validation: {title} per task")

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "mtlstream.services_cli",
         "start, stop or inspect the local Kafka broker and Redis",
     ),
+    "serve": ("serving.cli", "run the HTTP scorer (POST /v1/rank), or --check its health"),
+    "features": ("feature_store.cli", "load user/item features from JSONL, CSV or Parquet"),
     "stream": ("stream.cli", "run the join worker: events -> delayed-label samples"),
     "simulate": ("stream.simulate_cli", "produce synthetic traffic with known ground truth"),
     "learn": ("learner.cli", "run the online learner: samples -> training -> Redis snapshots"),
