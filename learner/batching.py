@@ -44,7 +44,15 @@ from learner.errors import ConfigError
 from learner.features import FeatureSpec, encode_rows
 from learner.losses import Targets
 from stream.errors import BadEventError
-from stream.events import decode_sample
+from stream.events import (
+    MAX_SAMPLE_ID_LEN,
+    SAMPLE_KINDS,
+    decode_sample,
+    require_features,
+    require_int,
+    require_object,
+    require_str,
+)
 
 __all__ = [
     "LABEL_TASKS",
@@ -63,12 +71,9 @@ MASK_TASKS: Final = ("ctr", "cvr", "ctcvr", "ysl")
 #: Label of each task the samples topic can train: (click, conversion, ysl) columns combined.
 LABEL_TASKS: Final = frozenset(MASK_TASKS)
 
-_KINDS: Final = frozenset({"final", "early", "correction"})
 _FNW_KINDS: Final = frozenset({"early", "correction"})  # delayed-feedback rows (Ktena et al.)
 _SCALARS: Final = (str, int, float, bool)
 _FEATURE_TYPES: Final = frozenset({*_SCALARS, type(None)})
-_MAX_ID: Final = 1 << 16  # Sample.from_dict's limit on id lengths
-_MISSING: Final = object()
 _U64: Final = 1 << 64
 
 
@@ -176,47 +181,6 @@ class TrainBatch:
 # --- decoding -----------------------------------------------------------------------------------
 
 
-def _req_int(obj: Mapping[str, Any], name: str) -> int:
-    value = obj.get(name, _MISSING)
-    if value is _MISSING:
-        raise BadEventError(f"missing:{name}")
-    if type(value) is not int:  # bool is an int subclass and must not pass
-        raise BadEventError(f"bad_type:{name}")
-    return value
-
-
-def _req_str(obj: Mapping[str, Any], name: str) -> str:
-    value = obj.get(name, _MISSING)
-    if value is _MISSING:
-        raise BadEventError(f"missing:{name}")
-    if type(value) is not str:
-        raise BadEventError(f"bad_type:{name}")
-    if not value or len(value) > _MAX_ID:
-        raise BadEventError(f"bad_value:{name}")
-    return value
-
-
-def _sub(obj: Mapping[str, Any], name: str) -> dict[str, Any]:
-    value = obj.get(name, _MISSING)
-    if value is _MISSING:
-        raise BadEventError(f"missing:{name}")
-    if type(value) is not dict:
-        raise BadEventError(f"bad_type:{name}")
-    return value
-
-
-def _features(obj: Mapping[str, Any]) -> dict[str, Any]:
-    value = obj.get("features")
-    if value is None:
-        return {}
-    if type(value) is not dict:
-        raise BadEventError("bad_type:features")
-    for item in value.values():
-        if item is not None and type(item) not in _SCALARS:
-            raise BadEventError("bad_type:features")
-    return value
-
-
 def _check_labels(click: int, conversion: int, ysl: int, masks: tuple[int, ...]) -> None:
     """The learner's checks on top of the layout: binary labels, counts >= 0, 0/1 masks."""
     if click not in (0, 1):
@@ -260,30 +224,30 @@ def _parse_one(obj: Any, rows: _Rows) -> None:
     """Validate one decoded JSON value like `Sample.from_dict` (same order) and append it."""
     if type(obj) is not dict:
         raise BadEventError("not_object")
-    labels = _sub(obj, "labels")
-    masks = _sub(obj, "masks")
+    labels = require_object(obj, "labels")
+    masks = require_object(obj, "masks")
     kind = obj.get("kind")
-    if type(kind) is not str or kind not in _KINDS:
+    if kind not in SAMPLE_KINDS:
         raise BadEventError("bad_value:kind")
-    sample_id = _req_str(obj, "sample_id")
-    _req_str(obj, "user_id")
-    _req_str(obj, "item_id")
-    features = _features(obj)
-    _req_int(obj, "ts")
+    sample_id = require_str(obj, "sample_id")
+    require_str(obj, "user_id")
+    require_str(obj, "item_id")
+    features = require_features(obj)
+    require_int(obj, "ts")
     label_row = (
-        _req_int(labels, "click"),
-        _req_int(labels, "conversion"),
-        _req_int(labels, "ysl"),
+        require_int(labels, "click"),
+        require_int(labels, "conversion"),
+        require_int(labels, "ysl"),
     )
     mask_row = (
-        _req_int(masks, "ctr"),
-        _req_int(masks, "cvr"),
-        _req_int(masks, "ctcvr"),
-        _req_int(masks, "ysl"),
+        require_int(masks, "ctr"),
+        require_int(masks, "cvr"),
+        require_int(masks, "ctcvr"),
+        require_int(masks, "ysl"),
     )
-    _req_int(obj, "revision")
-    _req_int(obj, "elapsed_ms")
-    emitted_at = _req_int(obj, "emitted_at")
+    require_int(obj, "revision")
+    require_int(obj, "elapsed_ms")
+    emitted_at = require_int(obj, "emitted_at")
     _check_labels(*label_row, mask_row)
     rows.features.append(features)
     rows.labels.append(label_row)
@@ -317,13 +281,13 @@ def _append_fast(obj: Any, rows: _Rows) -> bool:
     ints = (obj.get("ts"), obj.get("revision"), obj.get("elapsed_ms"), emitted_at)
     ok = (
         type(kind) is str
-        and kind in _KINDS
+        and kind in SAMPLE_KINDS
         and type(sample_id) is str
         and type(user_id) is str
         and type(item_id) is str
-        and 0 < len(sample_id) <= _MAX_ID
-        and 0 < len(user_id) <= _MAX_ID
-        and 0 < len(item_id) <= _MAX_ID
+        and 0 < len(sample_id) <= MAX_SAMPLE_ID_LEN
+        and 0 < len(user_id) <= MAX_SAMPLE_ID_LEN
+        and 0 < len(item_id) <= MAX_SAMPLE_ID_LEN
         and {type(v) for v in (*label_row, *mask_row, *ints)} == {int}
         and label_row[0] in (0, 1)
         and label_row[1] in (0, 1)

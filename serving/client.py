@@ -1,11 +1,10 @@
 """A small synchronous client of the scorer (httpx, keep-alive).
 
-Examples
---------
->>> with RankClient("http://127.0.0.1:8000") as client:  # doctest: +SKIP
-...     result = client.rank("u1", ["i1", "i2", "i3"], top_k=2)
-...     [item.item_id for item in result.items]
-['i3', 'i1']
+Usage (against a running scorer; exercised by tests/integration/test_serving.py)::
+
+    with RankClient("http://127.0.0.1:8000") as client:
+        result = client.rank("u1", ["i1", "i2", "i3"], top_k=2)
+        top = [item.item_id for item in result.items]
 """
 
 from __future__ import annotations

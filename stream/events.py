@@ -26,7 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias
 
@@ -40,8 +40,10 @@ __all__ = [
     "DEFAULT_LIMITS",
     "FOLLOW_CLICKS",
     "IMPRESSIONS",
+    "MAX_SAMPLE_ID_LEN",
     "MIN_EVENT_TS_MS",
     "SAMPLES",
+    "SAMPLE_KINDS",
     "Click",
     "DeadLetter",
     "DecodeLimits",
@@ -62,6 +64,10 @@ __all__ = [
     "encode_event",
     "encode_sample",
     "parse_event",
+    "require_features",
+    "require_int",
+    "require_object",
+    "require_str",
     "sample_id_for",
     "topic_of",
 ]
@@ -81,7 +87,10 @@ SampleKind: TypeAlias = Literal["final", "early", "correction"]
 YslSpace: TypeAlias = Literal["clicked", "all"]
 
 _SCALARS: Final = frozenset({str, int, float, bool})
-_KINDS: Final = ("final", "early", "correction")  # a tuple: `in` must not hash a bad value
+#: the values of Sample.kind; a tuple: `in` must not hash a bad value
+SAMPLE_KINDS: Final = ("final", "early", "correction")
+#: the longest id a sample may carry
+MAX_SAMPLE_ID_LEN: Final = 1 << 16
 _MISSING: Final = object()
 
 
@@ -243,32 +252,32 @@ class Sample:
         """Build a sample from its plain JSON layout; raise :class:`BadEventError` if malformed."""
         if type(obj) is not dict:
             raise BadEventError("not_object")
-        labels = _sub(obj, "labels")
-        masks = _sub(obj, "masks")
+        labels = require_object(obj, "labels")
+        masks = require_object(obj, "masks")
         kind = obj.get("kind")
-        if kind not in _KINDS:
+        if kind not in SAMPLE_KINDS:
             raise BadEventError("bad_value:kind")
         return cls(
-            sample_id=_req_str(obj, "sample_id", 1 << 16),
-            user_id=_req_str(obj, "user_id", 1 << 16),
-            item_id=_req_str(obj, "item_id", 1 << 16),
-            features=_features(obj),
-            ts=_req_int(obj, "ts"),
+            sample_id=require_str(obj, "sample_id", MAX_SAMPLE_ID_LEN),
+            user_id=require_str(obj, "user_id", MAX_SAMPLE_ID_LEN),
+            item_id=require_str(obj, "item_id", MAX_SAMPLE_ID_LEN),
+            features=require_features(obj),
+            ts=require_int(obj, "ts"),
             labels=Labels(
-                click=_req_int(labels, "click"),
-                conversion=_req_int(labels, "conversion"),
-                ysl=_req_int(labels, "ysl"),
+                click=require_int(labels, "click"),
+                conversion=require_int(labels, "conversion"),
+                ysl=require_int(labels, "ysl"),
             ),
             masks=Masks(
-                ctr=_req_int(masks, "ctr"),
-                cvr=_req_int(masks, "cvr"),
-                ctcvr=_req_int(masks, "ctcvr"),
-                ysl=_req_int(masks, "ysl"),
+                ctr=require_int(masks, "ctr"),
+                cvr=require_int(masks, "cvr"),
+                ctcvr=require_int(masks, "ctcvr"),
+                ysl=require_int(masks, "ysl"),
             ),
             kind=kind,
-            revision=_req_int(obj, "revision"),
-            elapsed_ms=_req_int(obj, "elapsed_ms"),
-            emitted_at=_req_int(obj, "emitted_at"),
+            revision=require_int(obj, "revision"),
+            elapsed_ms=require_int(obj, "elapsed_ms"),
+            emitted_at=require_int(obj, "emitted_at"),
         )
 
 
@@ -451,7 +460,7 @@ def _check_ts(ts: int, limits: DecodeLimits, now_ms: int | None) -> None:
 
 def _parse_impression(obj: dict[str, Any], limits: DecodeLimits) -> Impression:
     n = limits.max_id_len
-    position = _req_int(obj, "position")
+    position = require_int(obj, "position")
     if position < 0:
         raise BadEventError("bad_value:position")
     context = obj.get("context")
@@ -460,13 +469,13 @@ def _parse_impression(obj: dict[str, Any], limits: DecodeLimits) -> Impression:
     elif type(context) is not dict:
         raise BadEventError("bad_type:context")
     return Impression(
-        impression_id=_req_str(obj, "impression_id", n),
-        request_id=_req_str(obj, "request_id", n),
-        user_id=_req_str(obj, "user_id", n),
-        item_id=_req_str(obj, "item_id", n),
-        ts=_req_int(obj, "ts"),
+        impression_id=require_str(obj, "impression_id", n),
+        request_id=require_str(obj, "request_id", n),
+        user_id=require_str(obj, "user_id", n),
+        item_id=require_str(obj, "item_id", n),
+        ts=require_int(obj, "ts"),
         position=position,
-        features=_features(obj),
+        features=require_features(obj),
         context=context,
     )
 
@@ -474,8 +483,8 @@ def _parse_impression(obj: dict[str, Any], limits: DecodeLimits) -> Impression:
 def _parse_click(obj: dict[str, Any], limits: DecodeLimits) -> Click:
     n = limits.max_id_len
     return Click(
-        impression_id=_req_str(obj, "impression_id", n),
-        ts=_req_int(obj, "ts"),
+        impression_id=require_str(obj, "impression_id", n),
+        ts=require_int(obj, "ts"),
         click_id=_opt_str(obj, "click_id", n),
     )
 
@@ -483,8 +492,8 @@ def _parse_click(obj: dict[str, Any], limits: DecodeLimits) -> Click:
 def _parse_follow(obj: dict[str, Any], limits: DecodeLimits) -> FollowClick:
     n = limits.max_id_len
     return FollowClick(
-        impression_id=_req_str(obj, "impression_id", n),
-        ts=_req_int(obj, "ts"),
+        impression_id=require_str(obj, "impression_id", n),
+        ts=require_int(obj, "ts"),
         follow_id=_opt_str(obj, "follow_id", n),
         item_id=_opt_str(obj, "item_id", n),
     )
@@ -497,7 +506,9 @@ _PARSERS: Final[dict[str, _Parser]] = {
 }
 
 
-def _req_str(obj: dict[str, Any], name: str, max_len: int) -> str:
+def require_str(obj: Mapping[str, Any], name: str, max_len: int = MAX_SAMPLE_ID_LEN) -> str:
+    """Return ``obj[name]`` if it is a non-empty str of at most ``max_len`` chars, else raise
+    :class:`BadEventError` (``missing:``, ``bad_type:`` or ``bad_value:`` + name)."""
     value = obj.get(name, _MISSING)
     if value is _MISSING:
         raise BadEventError(f"missing:{name}")
@@ -519,7 +530,8 @@ def _opt_str(obj: dict[str, Any], name: str, max_len: int) -> str | None:
     return value
 
 
-def _req_int(obj: dict[str, Any], name: str) -> int:
+def require_int(obj: Mapping[str, Any], name: str) -> int:
+    """Return ``obj[name]`` if it is an int (not a bool), else raise :class:`BadEventError`."""
     value = obj.get(name, _MISSING)
     if value is _MISSING:
         raise BadEventError(f"missing:{name}")
@@ -529,7 +541,8 @@ def _req_int(obj: dict[str, Any], name: str) -> int:
     return value
 
 
-def _sub(obj: dict[str, Any], name: str) -> dict[str, Any]:
+def require_object(obj: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """Return ``obj[name]`` if it is a JSON object, else raise :class:`BadEventError`."""
     value = obj.get(name, _MISSING)
     if value is _MISSING:
         raise BadEventError(f"missing:{name}")
@@ -538,7 +551,8 @@ def _sub(obj: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
-def _features(obj: dict[str, Any]) -> Features:
+def require_features(obj: Mapping[str, Any]) -> Features:
+    """Return ``obj["features"]`` (``{}`` when absent) if it maps names to scalars or null."""
     value = obj.get("features")
     if value is None:
         return {}
