@@ -33,11 +33,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def smoke(settings: services.ServicesSettings) -> str:
     """Round-trip one record through Kafka and one hash through Redis; return a summary line."""
     import redis
-    from kafka import KafkaConsumer, KafkaProducer
+    from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+    from kafka.admin import NewTopic
 
     started = time.perf_counter()
     topic = f"mtl_smoke_{uuid.uuid4().hex[:8]}"
     payload = uuid.uuid4().bytes
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="mtl-smoke")
+    admin.create_topics([NewTopic(topic, 1, 1)])
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
     producer.send(topic, key=b"smoke", value=payload).get(timeout=30)
     producer.close()
@@ -45,10 +48,13 @@ def smoke(settings: services.ServicesSettings) -> str:
         topic,
         bootstrap_servers=settings.kafka_bootstrap,
         auto_offset_reset="earliest",
+        enable_auto_commit=False,
         consumer_timeout_ms=30_000,
     )
     got = next(iter(consumer)).value
     consumer.close()
+    admin.delete_topics([topic])
+    admin.close()
     client = redis.Redis.from_url(settings.redis_url)
     pipe = client.pipeline(transaction=False)
     pipe.hset("mtl:smoke", mapping={"payload": payload})
