@@ -17,6 +17,7 @@ import faust
 import redis.asyncio
 
 from feature_store.counters import AsyncItemCounterWriter, CounterEvent
+from feature_store.keys import KeySpace
 from mtlstream.settings import from_env
 from stream.settings import StreamSettings
 from stream.worker import Delivery, JoinWorker
@@ -134,6 +135,8 @@ class ChangelogTable(MutableMapping[bytes, bytes]):
 
 sink = FaustSink()
 table = ChangelogTable(join_state)
+health_client = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=2.0)
+health_key = KeySpace(settings.namespace).health(settings.health_process)
 
 
 def _now_ms() -> int:
@@ -198,9 +201,18 @@ async def send_ticks() -> None:
 
 
 async def log_status() -> None:
-    """One status line: throughput, samples per kind, dead letters, lateness, watermark lag."""
+    """One status line: throughput, samples per kind, dead letters, lateness, watermark lag.
+
+    The line also goes to Redis under the health key with a TTL: `mtlstream stream --check`
+    reads it, so a stalled worker turns unhealthy when the key expires.
+    """
     worker.metrics.open_keys(worker.open_keys())
-    logger.info("stream %s open_keys=%s", worker.metrics.status_line(), worker.open_keys())
+    line = f"{worker.metrics.status_line()} open_keys={worker.open_keys()}"
+    logger.info("stream %s", line)
+    try:
+        await health_client.set(health_key, line, ex=settings.health_ttl_s)
+    except redis.RedisError as exc:
+        logger.warning("health key not written: %r", exc)
 
 
 def on_assigned(sender: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-__all__ = ["configure", "main"]
+from mtlstream.settings import from_env
+from stream.settings import StreamSettings
+
+__all__ = ["check_health", "configure", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -13,10 +16,36 @@ logger = logging.getLogger(__name__)
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the `stream` arguments (everything else comes from the environment)."""
     parser.add_argument("--loglevel", default="info", help="faust worker log level (default info)")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 0 if a worker's health key is alive, else 1"
+    )
+
+
+def check_health(settings: StreamSettings) -> bool:
+    """Whether the worker of ``settings.app_id`` wrote its health key within its TTL."""
+    import redis
+
+    from feature_store.keys import KeySpace
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2.0)
+    try:
+        line = client.get(KeySpace(settings.namespace).health(settings.health_process))
+    except redis.RedisError as exc:
+        logger.error("health check cannot reach Redis: %s", exc)
+        return False
+    finally:
+        client.close()
+    if line is None:
+        logger.error("stream worker app_id=%s is not healthy: no health key", settings.app_id)
+        return False
+    logger.info("stream worker healthy: %r", line)
+    return True
 
 
 def main(args: argparse.Namespace) -> int:
-    """Start the faust worker until SIGTERM / Ctrl-C."""
+    """Start the faust worker until SIGTERM / Ctrl-C (or, with --check, report its health)."""
+    if args.check:
+        return 0 if check_health(from_env(StreamSettings)) else 1
     from faust.worker import Worker
 
     from stream.app import app, settings

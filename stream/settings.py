@@ -65,6 +65,8 @@ class StreamSettings:
     # operations
     metrics_port: int = env_field(0, "MTL_STREAM_METRICS_PORT", "Prometheus port (0: off)")
     log_every_s: float = env_field(10.0, "MTL_STREAM_LOG_EVERY_S", "status line interval (s)")
+    # the status line is also written to Redis under the health key with this TTL
+    health_ttl_s: int = env_field(30, "MTL_STREAM_HEALTH_TTL_S", "health key TTL (s)")
     data_dir: str = env_field(".mtlstream/stream", "MTL_STREAM_DATA_DIR", "faust data dir")
 
     def join_config(self) -> JoinConfig:
@@ -98,6 +100,11 @@ class StreamSettings:
             self.clicks_topic: CLICKS,
             self.follow_clicks_topic: FOLLOW_CLICKS,
         }
+
+    @property
+    def health_process(self) -> str:
+        """Process name in the health key ``{namespace}health:stream-{app_id}``."""
+        return f"stream-{self.app_id}"
 
     @property
     def ticks_topic(self) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -203,6 +205,12 @@ def test_two_workers_split_partitions_and_emit_each_sample_once(
     assert _events_seen(a.text()) > 0 and _events_seen(b.text()) > 0
 
 
+def _check(senv: StreamEnv) -> subprocess.CompletedProcess[bytes]:
+    """`mtlstream stream --check` with the test worker's environment."""
+    cmd = [sys.executable, "-m", "mtlstream", "stream", "--check"]
+    return subprocess.run(cmd, env=senv.env(), capture_output=True, timeout=60)
+
+
 def _samples_emitted(log_text: str) -> int:
     """Samples a worker emitted, from its last status line."""
     lines = [line for line in log_text.splitlines() if "stream events=" in line]
@@ -228,11 +236,14 @@ def test_early_mode_emits_provisional_then_corrections(
     log = simulated_log(800, seed=16)
     want = _expected(log)
     closing = closing_impressions(senv.partitions, horizon(log, CONFIG))
+    assert _check(senv).returncode == 1  # no worker yet: no health key
     worker = spawn(senv)
     worker.wait_ready()
     produce(senv, log + closing)
     raw = consume_all(kafka_bootstrap, senv.topic("samples"), until=len(want.labels))
     metrics = httpx.get(f"http://127.0.0.1:{early['MTL_STREAM_METRICS_PORT']}/metrics").text
+    check = _check(senv)
+    assert check.returncode == 0, check.stderr  # the running worker refreshes its health key
     assert worker.stop() == 0
     got = samples_by_impression(raw)
     assert set(want.labels) <= set(got)
