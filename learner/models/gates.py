@@ -27,4 +27,10 @@ class Gate(nn.Module):
 
 def fuse(weights: Tensor, experts: Tensor) -> Tensor:
     """Mix expert outputs (B, E, H) with gate weights (B, E) into (B, H)."""
-    return torch.bmm(weights.unsqueeze(1), experts).squeeze(1)  # (B, 1, E) @ (B, E, H) -> (B, H)
+    if torch.is_grad_enabled():
+        # Training: multiply-and-sum; with a handful of experts, bmm's B tiny matrix products
+        # were 1.75x slower forward+backward (B=4096, E=4, H=64).
+        return (weights.unsqueeze(-1) * experts).sum(dim=1)  # (B, E, 1) * (B, E, H) -> (B, H)
+    # Inference (and the ONNX export, traced without grad): ONNX Runtime runs the MatMul
+    # form faster (1.19 vs 1.53 ms for the default PLE at 500 rows). Equal up to rounding.
+    return torch.bmm(weights.unsqueeze(1), experts).squeeze(1)  # (B, 1, E) @ (B, E, H)

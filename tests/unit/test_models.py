@@ -318,3 +318,18 @@ def test_default_model_trains_a_batch_and_logs_speed() -> None:
     rate = 5 * n / (time.perf_counter() - start)
     logger.info("default PLE: %.0f samples/s at batch %d (fused Adam, cold)", rate, n)
     assert losses[-1] < losses[0]
+
+
+def test_fuse_training_and_inference_forms_agree() -> None:
+    from learner.models.gates import fuse
+
+    torch.manual_seed(0)
+    weights = torch.softmax(torch.randn(257, 5), dim=-1)  # (B, E)
+    experts = torch.randn(257, 5, 33)  # (B, E, H)
+    with torch.no_grad():
+        inference = fuse(weights, experts)  # the bmm form
+    training = fuse(weights, experts)  # the multiply-and-sum form (grad enabled)
+    assert inference.shape == training.shape == (257, 33)
+    torch.testing.assert_close(training, inference, rtol=1e-6, atol=1e-6)
+    manual = sum(weights[:, e : e + 1] * experts[:, e] for e in range(5))
+    torch.testing.assert_close(inference, manual, rtol=1e-6, atol=1e-6)
