@@ -47,11 +47,8 @@ from stream.errors import BadEventError
 from stream.events import (
     MAX_SAMPLE_ID_LEN,
     SAMPLE_KINDS,
+    Sample,
     decode_sample,
-    require_features,
-    require_int,
-    require_object,
-    require_str,
 )
 
 __all__ = [
@@ -221,33 +218,13 @@ class _Rows:
 
 
 def _parse_one(obj: Any, rows: _Rows) -> None:
-    """Validate one decoded JSON value like `Sample.from_dict` (same order) and append it."""
-    if type(obj) is not dict:
-        raise BadEventError("not_object")
-    labels = require_object(obj, "labels")
-    masks = require_object(obj, "masks")
-    kind = obj.get("kind")
-    if kind not in SAMPLE_KINDS:
-        raise BadEventError("bad_value:kind")
-    sample_id = require_str(obj, "sample_id")
-    require_str(obj, "user_id")
-    require_str(obj, "item_id")
-    features = require_features(obj)
-    require_int(obj, "ts")
-    label_row = (
-        require_int(labels, "click"),
-        require_int(labels, "conversion"),
-        require_int(labels, "ysl"),
-    )
-    mask_row = (
-        require_int(masks, "ctr"),
-        require_int(masks, "cvr"),
-        require_int(masks, "ctcvr"),
-        require_int(masks, "ysl"),
-    )
-    require_int(obj, "revision")
-    require_int(obj, "elapsed_ms")
-    emitted_at = require_int(obj, "emitted_at")
+    """Validate one decoded JSON value with `Sample.from_dict` (its reasons) and append it."""
+    sample = Sample.from_dict(obj)
+    label_row = (sample.labels.click, sample.labels.conversion, sample.labels.ysl)
+    m = sample.masks
+    mask_row = (m.ctr, m.cvr, m.ctcvr, m.ysl)
+    features, kind, sample_id = sample.features, sample.kind, sample.sample_id
+    emitted_at = sample.emitted_at
     _check_labels(*label_row, mask_row)
     rows.features.append(features)
     rows.labels.append(label_row)
