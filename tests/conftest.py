@@ -15,6 +15,7 @@ import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -92,6 +93,27 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.ping()
     yield client
     client.close()
+
+
+@pytest.fixture
+def counted(redis_url: str) -> Iterator[tuple[redis.Redis, list[object]]]:
+    """A client that records every packed send, i.e. every round trip it makes."""
+    sent: list[object] = []
+
+    class CountingConnection(redis.Connection):
+        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            sent.append(command)
+            # redis-py leaves the sync Connection.send_packed_command untyped
+            send: Callable[[Any, bool], None] = super().send_packed_command
+            send(command, check_health)
+
+    pool = redis.ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
+    client = redis.Redis(connection_pool=pool)
+    client.ping()  # connect (HELLO, SETINFO) before counting
+    sent.clear()
+    yield client, sent
+    client.close()
+    pool.disconnect()
 
 
 @pytest.fixture

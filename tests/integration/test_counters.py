@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 import redis
@@ -137,29 +135,20 @@ def test_catalog_rows_and_counters_do_not_block_each_other(
     assert row.ts_ms == 10_001 * MINUTE
 
 
-def test_at_most_two_round_trips_per_batch(redis_url: str, namespace: str) -> None:
-    sent: list[object] = []
-
-    class CountingConnection(redis.Connection):
-        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-            sent.append(command)
-            # redis-py leaves the sync Connection.send_packed_command untyped
-            send: Callable[[Any, bool], None] = super().send_packed_command
-            send(command, check_health)
-
-    pool = redis.ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
-    with redis.Redis(connection_pool=pool) as client:
-        writer = ItemCounterWriter(client, SETTINGS, namespace)
-        batches = _batches(seed=5, n_batches=6, n_items=200)
-        writer.write(batches[0])  # connects and loads the merge script if needed
-        for batch in batches[1:]:
-            sent.clear()
-            writer.write(batch)
-            assert len(sent) == 2
+def test_at_most_two_round_trips_per_batch(
+    counted: tuple[redis.Redis, list[object]], namespace: str
+) -> None:
+    client, sent = counted
+    writer = ItemCounterWriter(client, SETTINGS, namespace)
+    batches = _batches(seed=5, n_batches=6, n_items=200)
+    writer.write(batches[0])  # loads the merge script if needed
+    for batch in batches[1:]:
         sent.clear()
-        assert writer.write([]) == {}
-        assert sent == []
-    pool.disconnect()
+        writer.write(batch)
+        assert len(sent) == 2
+    sent.clear()
+    assert writer.write([]) == {}
+    assert sent == []
 
 
 def test_bucket_hashes_expire_after_a_window(redis_client: redis.Redis, namespace: str) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -14,27 +14,6 @@ from feature_store.keys import KeySpace
 from feature_store.store import AsyncFeatureStore, FeatureRow, FeatureStore, FeatureWrite
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def counted(redis_url: str) -> Iterator[tuple[redis.Redis, list[object]]]:
-    """A client that records every packed send, i.e. every round trip it makes."""
-    sent: list[object] = []
-
-    class CountingConnection(redis.Connection):
-        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-            sent.append(command)
-            # redis-py leaves the sync Connection.send_packed_command untyped
-            send: Callable[[Any, bool], None] = super().send_packed_command
-            send(command, check_health)
-
-    pool = redis.ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
-    client = redis.Redis(connection_pool=pool)
-    client.ping()  # connect (HELLO, SETINFO) before counting
-    sent.clear()
-    yield client, sent
-    client.close()
-    pool.disconnect()
 
 
 @pytest.fixture
