@@ -2,9 +2,10 @@
 
 A backlog of simulated events (impressions, clicks, follow-on clicks, plus one closing
 impression per partition) is produced first; then one `mtlstream stream` worker is started and
-timed from its first input record to the last sample. The baseline in the same run is a
-kafka-python consume -> produce passthrough over the same backlog (one output record per input
-impression, no join, no state): the cost of the broker round trip alone.
+timed from its first input record to the last sample. Two baselines run over the same backlog
+in the same run: a kafka-python consume -> produce passthrough (one output record per input
+impression, no join, no state: the broker round trip alone), and a faust app whose agent only
+counts the events (``benchmarks/faust_null_app.py``: the ceiling of faust's consumer path).
 
 Usage:  .venv/bin/python benchmarks/stream_e2e.py [--impressions 100000] [--bootstrap HOST:PORT]
 Without --bootstrap (or KAFKA_BOOTSTRAP_SERVERS) it starts a private Kafka + Redis with the
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +68,32 @@ def passthrough(senv: StreamEnv, n_impressions: int) -> float:
     return elapsed
 
 
+def faust_null(senv: StreamEnv, n_events: int) -> float:
+    """Run the counting faust app over the input topics; return its events/s."""
+    topics = [senv.topic(k) for k in ("impressions", "clicks", "follow_clicks")]
+    env = {
+        **senv.env(),
+        "BENCH_TOPICS": ",".join(topics),
+        "BENCH_EVENTS": str(n_events),
+        "BENCH_APP_ID": f"null-{senv.tag}",
+        "BENCH_DATA_DIR": str(senv.workdir / "faust-null"),
+    }
+    app = Path(__file__).with_name("faust_null_app.py")
+    out = subprocess.run(
+        [sys.executable, str(app), "worker", "-l", "warn"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    # faust's worker redirects stdout into its log (stderr), so look in both
+    for line in (out.stdout + out.stderr).splitlines():
+        if "RATE " in line:
+            return float(line.split("RATE ")[1].split()[0])
+    raise RuntimeError(f"faust null app gave no rate: {out.stderr[-500:]}")
+
+
 def count_samples(senv: StreamEnv, want: int, timeout_s: float, start: float) -> tuple[int, float]:
     """Wait until ``want`` samples exist; return (count, seconds from ``start`` to the last)."""
     consumer = KafkaConsumer(
@@ -92,6 +120,7 @@ def run(bootstrap: str, redis_url: str, impressions: int, workdir: Path, counter
     logger.info("backlog: %s events, %s impressions", events, impressions)
 
     base_s = passthrough(senv, impressions)
+    null_eps = faust_null(senv, events)
     worker = WorkerProc(senv)
     worker.wait_ready()  # timed from here: the whole backlog is still unread
     n, join_s = count_samples(senv, impressions, timeout_s=600, start=time.perf_counter())
@@ -101,13 +130,17 @@ def run(bootstrap: str, redis_url: str, impressions: int, workdir: Path, counter
             logger.info("worker: %s", line.split("INFO] ")[-1][:160])
     rows = [
         ("baseline passthrough (kafka-python)", impressions / base_s, base_s),
+        ("baseline faust agent, count only (ev)", null_eps, events / null_eps),
         ("stream worker, joined samples", n / join_s if join_s else 0.0, join_s),
+        ("stream worker, input events", events / join_s if join_s else 0.0, join_s),
     ]
     print(f"\n{'path':<40} {'per s':>10} {'seconds':>9}")
     for name, rate, secs in rows:
         print(f"{name:<40} {rate:>10,.0f} {secs:>9.2f}")
-    ratio = rows[1][1] / rows[0][1]
-    print(f"samples emitted: {n} of {impressions}; ratio worker/baseline: {ratio:.2f}")
+    print(
+        f"samples emitted: {n} of {impressions}; ratios: samples/passthrough "
+        f"{rows[2][1] / rows[0][1]:.2f}, worker events/faust count-only {rows[3][1] / null_eps:.2f}"
+    )
 
 
 def main() -> None:

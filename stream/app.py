@@ -19,7 +19,9 @@ import redis.asyncio
 from feature_store.counters import AsyncItemCounterWriter, CounterEvent
 from feature_store.keys import KeySpace
 from mtlstream.settings import from_env
+from stream.output import BatchOutput, OutputSettings
 from stream.settings import StreamSettings
+from stream.topics import partition_for
 from stream.worker import Delivery, JoinWorker
 
 __all__ = ["app", "settings", "worker"]
@@ -71,6 +73,9 @@ forwards = {name: _raw_topic(name) for name in settings.input_topics}
 join_state = app.Table(
     "join_state", key_type=bytes, value_type=bytes, partitions=settings.partitions
 )
+# Raw bytes in the changelog (faust would pick json for a non-Record type); set before the
+# changelog topic and the store are first built, which read these lazily.
+cast(Any, join_state).key_serializer = cast(Any, join_state).value_serializer = "raw"
 counter_events = app.channel()
 
 worker = JoinWorker(
@@ -81,21 +86,40 @@ worker = JoinWorker(
 )
 
 
-class FaustSink:
-    """Buffered sends through faust's producer (flushed before every offset commit)."""
+class BatchSink:
+    """The worker's output, buffered in :class:`stream.output.BatchOutput` until the batch ends.
+
+    Samples go to the input record's partition when the samples topic has as many partitions
+    as the inputs (they are keyed by impression id, so that is where Kafka's partitioner would
+    put them too); otherwise to the partition Kafka's partitioner picks.
+    """
 
     def __init__(self) -> None:
+        self.partition = 0  # the input partition being handled
+        self.partitions: dict[str, int] = {}  # topic -> partition count, filled at start
         self.counters: list[CounterEvent] = []
 
+    async def start(self) -> None:
+        """Create the output topics if missing (as faust's own sends would) and size them."""
+        for topic in (samples, dead_letters, *forwards.values()):
+            await topic.maybe_declare()
+        for name in (settings.samples_topic, settings.dead_letters_topic, *forwards):
+            self.partitions[name] = await output.partitions(name)
+
+    def _partition(self, topic: str, key: bytes) -> int:
+        n = self.partitions[topic]
+        return self.partition if n == settings.partitions else partition_for(key, n)
+
     def sample(self, key: bytes, value: bytes) -> Delivery:
-        fut: Delivery = samples.send_soon(key=key, value=value)
-        return fut
+        topic = settings.samples_topic
+        return output.add(topic, self._partition(topic, key), key, value)
 
     def dead_letter(self, value: bytes) -> None:
-        dead_letters.send_soon(key=None, value=value)
+        topic = settings.dead_letters_topic
+        output.add(topic, self.partition % self.partitions[topic], None, value)
 
     def forward(self, topic: str, key: bytes, value: bytes) -> None:
-        forwards[topic].send_soon(key=key, value=value)
+        output.add(topic, partition_for(key, self.partitions[topic]), key, value)
 
     def counter(self, item_id: str, kind: str, ts: int) -> None:
         if settings.counters_enabled:
@@ -103,15 +127,16 @@ class FaustSink:
 
 
 class ChangelogTable(MutableMapping[bytes, bytes]):
-    """The join Table, written with an explicit changelog partition.
+    """The join Table's data, with its changelog records written through the batch output.
 
-    faust's ``table[key] = value`` takes the changelog partition from the *current* event,
-    which is ambiguous when a batch of events is processed at once; the worker says which
-    partition it is working on instead (the partition of the record being handled).
+    faust recovers the table from its changelog topic on start; the records are raw key and
+    value bytes (a ``None`` value deletes the key), written to the partition of the input
+    record being handled, which is the partition that owns the key.
     """
 
     def __init__(self, table: Any) -> None:
         self.table = table
+        self.topic: str = table.changelog_topic.get_topic_name()
         self.partition = 0
 
     def __getitem__(self, key: bytes) -> bytes:
@@ -120,11 +145,11 @@ class ChangelogTable(MutableMapping[bytes, bytes]):
 
     def __setitem__(self, key: bytes, value: bytes) -> None:
         self.table.data[key] = value
-        self.table.send_changelog(self.partition, key, value)
+        output.add(self.topic, self.partition, key, value)
 
     def __delitem__(self, key: bytes) -> None:
         del self.table.data[key]
-        self.table.send_changelog(self.partition, key, None)
+        output.add(self.topic, self.partition, key, None)
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self.table.data)
@@ -133,7 +158,8 @@ class ChangelogTable(MutableMapping[bytes, bytes]):
         return len(self.table.data)
 
 
-sink = FaustSink()
+output = BatchOutput(OutputSettings(settings.kafka_bootstrap))
+sink = BatchSink()
 table = ChangelogTable(join_state)
 health_client = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=2.0)
 health_key = KeySpace(settings.namespace).health(settings.health_process)
@@ -145,7 +171,7 @@ def _now_ms() -> int:
 
 def _handle(event: faust.EventT[bytes], now_ms: int) -> None:
     msg = event.message
-    table.partition = msg.partition
+    table.partition = sink.partition = msg.partition
     if msg.topic == settings.ticks_topic:
         worker.on_tick(msg.partition, table=table, sink=sink, now_ms=now_ms)
     else:
@@ -164,15 +190,22 @@ def _handle(event: faust.EventT[bytes], now_ms: int) -> None:
 @app.agent(inputs)
 async def join(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
     """Join impressions, clicks and follow-on clicks into samples, a batch of records at a time."""
+    await output.start()
+    await sink.start()
     batches = cast(faust.Stream[bytes], stream).take_events  # StreamT does not declare it
-    async for events in batches(settings.batch_size, within=settings.batch_within_s):
-        now_ms = _now_ms()
-        for event in events:
-            _handle(event, now_ms)
-        if sink.counters:
-            batch, sink.counters = sink.counters, []
-            await counter_events.send(value=batch)
-        yield None
+    try:
+        async for events in batches(settings.batch_size, within=settings.batch_within_s):
+            now_ms = _now_ms()
+            for event in events:
+                _handle(event, now_ms)
+            # durable before faust acks this batch's input (it does when we ask for the next)
+            await output.flush()
+            if sink.counters:
+                batch, sink.counters = sink.counters, []
+                await counter_events.send(value=batch)
+            yield None
+    finally:
+        await output.stop()
 
 
 @app.agent(counter_events)

@@ -50,7 +50,7 @@ class StreamSettings:
     # how often each assigned partition gets a tick record (drives expiry when idle)
     tick_interval_s: float = env_field(1.0, "MTL_TICK_INTERVAL_S", "tick interval (s)")
     # records handled per agent iteration (faust take_events), and the longest wait for a batch
-    batch_size: int = env_field(500, "MTL_STREAM_BATCH", "records per batch")
+    batch_size: int = env_field(2000, "MTL_STREAM_BATCH", "records per batch")
     batch_within_s: float = env_field(0.05, "MTL_STREAM_BATCH_WITHIN_S", "batch wait (s)")
     # input validation
     max_event_bytes: int = env_field(64 * 1024, "MTL_MAX_EVENT_BYTES", "max event size")

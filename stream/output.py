@@ -1,0 +1,168 @@
+"""The join worker's output: records buffered per topic-partition and sent as Kafka batches.
+
+faust's ``topic.send_soon`` builds a future, a message object and a callback for every record,
+which made the producer path most of the worker's cost. The worker's output (samples, join
+state changelog, dead letters, repartitioned records) goes through :class:`BatchOutput` instead:
+records are appended to per-partition buffers while a batch of input is handled, then
+:meth:`BatchOutput.flush` sends each buffer as one or a few record batches and waits for the
+broker's acknowledgement. The agent flushes before faust acks the input batch, so every record
+derived from an acknowledged input is durable first (at-least-once).
+
+Every record sent between two flushes shares one :class:`Generation`, whose ``done()`` turns
+true when its flush succeeded; the worker uses it to hold back the join state that records an
+emitted sample until that sample is acknowledged (see :mod:`stream.worker`).
+
+A failed flush (broker away, timeout) keeps the buffers and tries again with backoff: nothing
+is dropped, and the worker waits rather than acknowledging input it could not write out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from stream.errors import StreamError
+
+__all__ = ["BatchOutput", "Generation", "OutputSettings", "OversizedRecordError"]
+
+logger = logging.getLogger(__name__)
+
+Record = tuple[bytes | None, bytes | None]  # (key, value); value None is a tombstone
+
+
+class OversizedRecordError(StreamError):
+    """A record larger than one record batch (the decoder's size cap makes this a bug)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"record of {size} bytes exceeds the {limit}-byte batch limit")
+
+
+@dataclass(slots=True)
+class Generation:
+    """The records sent by one flush; ``done()`` once the broker acknowledged all of them."""
+
+    acked: bool = False
+
+    def done(self) -> bool:
+        """Return whether every record of this generation is acknowledged."""
+        return self.acked
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """Producer settings of the worker's output."""
+
+    bootstrap_servers: str
+    max_batch_bytes: int = 512 * 1024  # one record batch; below the broker's 1 MiB default
+    request_timeout_ms: int = 30_000
+    retry_backoff_s: float = 1.0  # first wait after a failed flush (doubles, up to 30 s)
+
+
+@dataclass
+class BatchOutput:
+    """Buffers keyed records per (topic, partition) and sends them as record batches."""
+
+    settings: OutputSettings
+    producer: AIOKafkaProducer | None = None
+    buffers: dict[tuple[str, int], list[Record]] = field(default_factory=lambda: defaultdict(list))
+    generation: Generation = field(default_factory=Generation)
+    sent: int = 0  # records acknowledged so far
+    _partitions: dict[str, int] = field(default_factory=dict)
+
+    async def start(self) -> None:
+        """Connect the producer (idempotent)."""
+        if self.producer is None:
+            self.producer = AIOKafkaProducer(
+                bootstrap_servers=self.settings.bootstrap_servers,
+                acks="all",
+                linger_ms=0,
+                max_batch_size=self.settings.max_batch_bytes,
+                request_timeout_ms=self.settings.request_timeout_ms,
+            )
+            await self.producer.start()
+
+    async def stop(self) -> None:
+        """Flush what is buffered, then close the producer."""
+        if self.producer is not None:
+            await self.flush()
+            await self.producer.stop()
+            self.producer = None
+
+    async def partitions(self, topic: str) -> int:
+        """Return the number of partitions of ``topic`` (cached after the first lookup)."""
+        n = self._partitions.get(topic)
+        if n is None:
+            producer = await self._ready()
+            n = self._partitions[topic] = len(await producer.partitions_for(topic))
+        return n
+
+    def add(self, topic: str, partition: int, key: bytes | None, value: bytes | None) -> Generation:
+        """Buffer one record for ``topic`` / ``partition``; return the generation it belongs to."""
+        self.buffers[(topic, partition)].append((key, value))
+        return self.generation
+
+    def pending(self) -> int:
+        """Records buffered and not yet acknowledged."""
+        return sum(len(records) for records in self.buffers.values())
+
+    async def flush(self) -> int:
+        """Send every buffer and wait for the acknowledgements; return the records sent.
+
+        Retries the whole flush with backoff until it succeeds (records of a partial success
+        are sent twice, which at-least-once allows: sample ids and changelog keys make it
+        harmless).
+        """
+        if not self.buffers:
+            self.generation.acked = True
+            self.generation = Generation()
+            return 0
+        backoff = self.settings.retry_backoff_s
+        while True:
+            try:
+                n = await self._send_all()
+                break
+            except (TimeoutError, KafkaError) as exc:
+                logger.warning(
+                    "output flush of %s records failed (%r); retrying in %.1fs",
+                    self.pending(),
+                    exc,
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+        self.buffers.clear()
+        self.generation.acked = True
+        self.generation = Generation()
+        self.sent += n
+        return n
+
+    async def _ready(self) -> AIOKafkaProducer:
+        await self.start()
+        if self.producer is None:  # start() sets it; a concurrent stop() may have cleared it
+            raise RuntimeError("the output producer is stopped")
+        return self.producer
+
+    async def _send_all(self) -> int:
+        producer = await self._ready()
+        futures: list[asyncio.Future[Any]] = []
+        n = 0
+        for (topic, partition), records in self.buffers.items():
+            batch = producer.create_batch()
+            for key, value in records:
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    # full: send it and continue in a new one (a record never exceeds the
+                    # batch size: the decoder caps event sizes far below it)
+                    futures.append(await producer.send_batch(batch, topic, partition=partition))
+                    batch = producer.create_batch()
+                    if batch.append(key=key, value=value, timestamp=None) is None:
+                        raise OversizedRecordError(len(value or b""), self.settings.max_batch_bytes)
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+            n += len(records)
+        await asyncio.gather(*futures)
+        return n
