@@ -7,10 +7,11 @@ BIN := $(VENV)/bin
 setup:
 	@scripts/setup.sh
 
-# Until the full demo lands: bring the local services up and run a smoke round trip through them.
+# The whole system in a closed loop with a live view (local Kafka + Redis unless
+# KAFKA_BOOTSTRAP_SERVERS / REDIS_URL name others); DEMO_ARGS passes flags, e.g. --duration 600.
+DEMO_ARGS ?=
 demo: setup
-	$(BIN)/mtlstream services up
-	$(BIN)/mtlstream services smoke
+	$(BIN)/mtlstream demo $(DEMO_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -60,6 +60,7 @@ from learner.errors import ConfigError
 from learner.losses import LossResult, MultiTaskLoss
 from learner.metrics import ProgressiveValidation, format_metrics
 from learner.models import RankingModel, build_model
+from learner.optim import make_optimizers
 from learner.settings import LearnerSettings
 from learner.source import KafkaSource, RecordBatch, SourceConfig
 from mtlstream.errors import SettingsError
@@ -245,30 +246,15 @@ class Learner:
     # --- construction ---------------------------------------------------------------------
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """Adam for dense parameters; SparseAdam for embedding tables with sparse gradients.
-
-        With sparse embeddings only the rows a batch touches are read and updated: a dense Adam
-        step over hashed tables of 2**18 rows would cost more than the whole forward pass.
-        Tables learn at `embedding_lr` either way.
-        """
+        """Adam for dense parameters, SparseAdam for embedding tables (`learner.optim`)."""
         s = self.settings
-        tables = [m for m in self.model.modules() if isinstance(m, nn.Embedding)]
-        table_ids = {id(m.weight) for m in tables}
-        params = list(self.model.parameters()) + list(self.loss_fn.parameters())
-        dense = [p for p in params if id(p) not in table_ids]
-        weights = [m.weight for m in tables]
-        if not s.sparse_embeddings:
-            groups: list[dict[str, Any]] = [
-                {"params": dense},
-                {"params": weights, "lr": s.embedding_lr},
-            ]
-            return {"dense": torch.optim.Adam(groups, lr=s.lr)}
-        for module in tables:
-            module.sparse = True  # same weights and snapshot format; only the grad changes
-        return {
-            "dense": torch.optim.Adam(dense, lr=s.lr),
-            "sparse": torch.optim.SparseAdam(weights, lr=s.embedding_lr),
-        }
+        return make_optimizers(
+            self.model,
+            self.loss_fn.parameters(),
+            lr=s.lr,
+            embedding_lr=s.embedding_lr,
+            sparse_embeddings=s.sparse_embeddings,
+        )
 
     @property
     def dense_params(self) -> list[nn.Parameter]:

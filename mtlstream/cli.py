@@ -34,6 +34,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "learn": ("learner.cli", "run the online learner: samples -> training -> Redis snapshots"),
     "model": ("feature_store.model_cli", "list, show or roll back model snapshots in Redis"),
     "report": ("learner.report", "plot the learner's metrics and expert utilisation (PNG)"),
+    "demo": (
+        "demo.cli",
+        "run everything in a closed loop with a live view, then a summary and plots",
+    ),
+    "evaluate": ("evaluation.cli", "offline comparison of the models on public and synthetic data"),
 }
 
 

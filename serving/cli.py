@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import signal
 import sys
+from types import FrameType
 
 import httpx
 
@@ -75,5 +77,12 @@ def main(args: argparse.Namespace) -> int:
         lifespan="on",
     )
     logger.info("serving on %s", settings.base_url)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal into the handler that
+    # was installed before it: make that a clean exit (0) rather than death by signal (-15)
+    signal.signal(signal.SIGTERM, _exit_after_shutdown)
     uvicorn.Server(config).run()
     return 0
+
+
+def _exit_after_shutdown(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)

@@ -207,6 +207,9 @@ async def model_info(request: Request) -> Response:
     body = describe_model(model, time.time())
     body["model_name"] = state.settings.model_name
     body["fusion_weights"] = dict(state.weights)
+    # when this version started serving, and the recent swaps (end-to-end freshness)
+    body["loaded_at"] = state.holder.loaded_at_ms
+    body["swaps"] = list(state.holder.swaps)
     return _json(body)
 
 

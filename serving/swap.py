@@ -17,7 +17,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import safetensors.torch
@@ -41,15 +42,46 @@ _TRANSIENT = (RedisConnectionError, RedisTimeoutError)
 
 
 class ModelHolder:
-    """The one reference to the served model: requests read it once, swaps replace it."""
+    """The one reference to the served model: requests read it once, swaps replace it.
 
-    def __init__(self, model: LoadedModel | None = None) -> None:
+    It also remembers when each of the last ``history`` models started serving (``swaps``):
+    end-to-end freshness needs the moment a snapshot went live, not only when it was published.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel | None = None,
+        history: int = 256,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.current = model
+        self.clock = clock
+        # oldest first: {"version", "loaded_at" (epoch ms), "created_at", "trained_through_ms"}
+        self.swaps: deque[dict[str, int | None]] = deque(maxlen=history)
+        if model is not None:
+            self._remember(model)
 
     def swap(self, model: LoadedModel) -> LoadedModel | None:
         """Serve ``model`` from now on; return the one it replaces."""
         previous, self.current = self.current, model
+        self._remember(model)
         return previous
+
+    def _remember(self, model: LoadedModel) -> None:
+        trained = model.meta.get("trained_through_ms")
+        self.swaps.append(
+            {
+                "version": model.version,
+                "loaded_at": int(self.clock() * 1000),
+                "created_at": model.created_at_ms,
+                "trained_through_ms": trained if isinstance(trained, int) else None,
+            }
+        )
+
+    @property
+    def loaded_at_ms(self) -> int | None:
+        """When the current model started serving (epoch ms), None before the first."""
+        return self.swaps[-1]["loaded_at"] if self.swaps and self.current is not None else None
 
 
 def rebuild_model(snapshot: Snapshot) -> RankingModel:

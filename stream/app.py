@@ -47,6 +47,7 @@ app = faust.App(
     stream_buffer_maxsize=16384,
     broker_commit_every=10_000,
     broker_commit_interval=1.0,
+    stream_wait_empty=False,
 )
 
 

@@ -530,13 +530,18 @@ def _tee_files(
 
 
 def run(
-    config: SimConfig, ranker: Ranker | None = None, producer: ProducerLike | None = None
+    config: SimConfig,
+    ranker: Ranker | None = None,
+    producer: ProducerLike | None = None,
+    world: World | None = None,
 ) -> SimStats:
     """Run the simulator: generate, write the JSONL files, and produce to Kafka if configured.
 
     The event log holds the clean records (no injected duplicates or malformed copies).
     Without ``bootstrap_servers`` (and no ``producer``) nothing is paced: the files are
     written as fast as the world runs. Logs a progress line every ``progress_every_s``.
+    ``world`` (default: a new one from ``config.world``) lets a ranker share the world it
+    ranks for, e.g. to look up the truth of what it serves.
     """
     stats = SimStats()
     progress = _Progress(config.progress_every_s, stats)
@@ -551,7 +556,7 @@ def run(
         config.truth_file,
     )
     with ExitStack() as files:
-        records = _tee_files(generate(config, ranker), config, files)
+        records = _tee_files(generate(config, ranker, world), config, files)
         ticking = _ticking(records, progress)
         if producer is None and not config.bootstrap_servers:
             for topic, _, value in ticking:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from demo.settings import DemoSettings
 from feature_store.model_cli import RegistrySettings
 from learner.settings import LearnerSettings
 from mtlstream.cli import COMMANDS
@@ -13,7 +14,14 @@ from serving.settings import ServingSettings
 from stream.settings import StreamSettings
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-SETTINGS = (ServicesSettings, StreamSettings, LearnerSettings, ServingSettings, RegistrySettings)
+SETTINGS = (
+    ServicesSettings,
+    StreamSettings,
+    LearnerSettings,
+    ServingSettings,
+    RegistrySettings,
+    DemoSettings,
+)
 
 
 def test_every_settings_env_var_is_documented() -> None:
