@@ -30,6 +30,8 @@ from typing import Any, Final, Literal
 import numpy as np
 import numpy.typing as npt
 
+from feature_store.counters import CounterSettings, smoothed_ctr
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -286,6 +288,9 @@ class _Population:
         return int(np.searchsorted(self.cdf, rng.random() * self.cdf[-1], side="right"))
 
 
+_COUNTER_SETTINGS = CounterSettings()
+
+
 class _HourCounter:
     """Per-item impressions and clicks over the last hour of event time (item_ctr_1h)."""
 
@@ -313,10 +318,12 @@ class _HourCounter:
             self._next_sweep = now_ms + HOUR_MS
 
     def ctr(self, item: int, now_ms: int) -> float | None:
+        # The same smoothed ratio the stream's live counters write to Redis (and the scorer
+        # reads), so an impression logs the value a closed-loop scorer saw, not a raw ratio.
         horizon = now_ms - HOUR_MS
         imps = _trim(self._imps, item, horizon)
         clicks = _trim(self._clicks, item, horizon)
-        return None if imps == 0 else min(1.0, clicks / imps)
+        return None if imps == 0 else smoothed_ctr(imps, clicks, _COUNTER_SETTINGS)
 
 
 def _trim(counts: dict[int, deque[int]], item: int, horizon: int) -> int:
