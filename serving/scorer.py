@@ -41,10 +41,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from feature_store.store import FeatureValue, FieldRows
-from learner.features import EncodedBatch, FeatureSpec, encode_rows, hash_bucket
-
-# encode_rows' own conversion of one dense value: the columnar encoder must match it exactly
-from learner.features import _dense_value as dense_value
+from learner.features import EncodedBatch, FeatureSpec, dense_value, encode_rows, hash_bucket
 from serving.errors import IncompatibleSnapshotError, RequestError
 
 __all__ = [
