@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator, MutableMapping
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import faust
@@ -19,10 +19,9 @@ import redis.asyncio
 from feature_store.counters import AsyncItemCounterWriter, CounterEvent
 from feature_store.keys import KeySpace
 from mtlstream.settings import from_env
-from stream.output import BatchOutput, OutputSettings
+from stream.output import BatchOutput, ChangelogTable, OutputSettings, OutputSink
 from stream.settings import StreamSettings
-from stream.topics import partition_for
-from stream.worker import Delivery, JoinWorker
+from stream.worker import JoinWorker
 
 __all__ = ["app", "settings", "worker"]
 
@@ -87,81 +86,15 @@ worker = JoinWorker(
 )
 
 
-class BatchSink:
-    """The worker's output, buffered in :class:`stream.output.BatchOutput` until the batch ends.
-
-    Samples go to the input record's partition when the samples topic has as many partitions
-    as the inputs (they are keyed by impression id, so that is where Kafka's partitioner would
-    put them too); otherwise to the partition Kafka's partitioner picks.
-    """
-
-    def __init__(self) -> None:
-        self.partition = 0  # the input partition being handled
-        self.partitions: dict[str, int] = {}  # topic -> partition count, filled at start
-        self.counters: list[CounterEvent] = []
-
-    async def start(self) -> None:
-        """Create the output topics if missing (as faust's own sends would) and size them."""
-        for topic in (samples, dead_letters, *forwards.values()):
-            await topic.maybe_declare()
-        for name in (settings.samples_topic, settings.dead_letters_topic, *forwards):
-            self.partitions[name] = await output.partitions(name)
-
-    def _partition(self, topic: str, key: bytes) -> int:
-        n = self.partitions[topic]
-        return self.partition if n == settings.partitions else partition_for(key, n)
-
-    def sample(self, key: bytes, value: bytes) -> Delivery:
-        topic = settings.samples_topic
-        return output.add(topic, self._partition(topic, key), key, value)
-
-    def dead_letter(self, value: bytes) -> None:
-        topic = settings.dead_letters_topic
-        output.add(topic, self.partition % self.partitions[topic], None, value)
-
-    def forward(self, topic: str, key: bytes, value: bytes) -> None:
-        output.add(topic, partition_for(key, self.partitions[topic]), key, value)
-
-    def counter(self, item_id: str, kind: str, ts: int) -> None:
-        if settings.counters_enabled:
-            self.counters.append(CounterEvent(item_id, kind, ts))  # type: ignore[arg-type]
-
-
-class ChangelogTable(MutableMapping[bytes, bytes]):
-    """The join Table's data, with its changelog records written through the batch output.
-
-    faust recovers the table from its changelog topic on start; the records are raw key and
-    value bytes (a ``None`` value deletes the key), written to the partition of the input
-    record being handled, which is the partition that owns the key.
-    """
-
-    def __init__(self, table: Any) -> None:
-        self.table = table
-        self.topic: str = table.changelog_topic.get_topic_name()
-        self.partition = 0
-
-    def __getitem__(self, key: bytes) -> bytes:
-        value: bytes = self.table.data[key]
-        return value
-
-    def __setitem__(self, key: bytes, value: bytes) -> None:
-        self.table.data[key] = value
-        output.add(self.topic, self.partition, key, value)
-
-    def __delitem__(self, key: bytes) -> None:
-        del self.table.data[key]
-        output.add(self.topic, self.partition, key, None)
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self.table.data)
-
-    def __len__(self) -> int:
-        return len(self.table.data)
-
-
 output = BatchOutput(OutputSettings(settings.kafka_bootstrap))
-sink = BatchSink()
-table = ChangelogTable(join_state)
+sink = OutputSink(
+    output,
+    samples_topic=settings.samples_topic,
+    dead_letters_topic=settings.dead_letters_topic,
+    input_partitions=settings.partitions,
+    counters=settings.counters_enabled,
+)
+table = ChangelogTable(join_state.data, join_state.changelog_topic.get_topic_name(), output)
 health_client = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=2.0)
 health_key = KeySpace(settings.namespace).health(settings.health_process)
 
@@ -192,7 +125,10 @@ def _handle(event: faust.EventT[bytes], now_ms: int) -> None:
 async def join(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
     """Join impressions, clicks and follow-on clicks into samples, a batch of records at a time."""
     await output.start()
-    await sink.start()
+    # create the output topics if missing (as faust's own sends would), then size them
+    for topic in (samples, dead_letters, *forwards.values()):
+        await topic.maybe_declare()
+    await sink.size(list(forwards))
     batches = cast(faust.Stream[bytes], stream).take_events  # StreamT does not declare it
     try:
         async for events in batches(settings.batch_size, within=settings.batch_within_s):

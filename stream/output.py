@@ -21,15 +21,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from feature_store.counters import CounterEvent
 from stream.errors import StreamError
+from stream.topics import partition_for
 
-__all__ = ["BatchOutput", "Generation", "OutputSettings", "OversizedRecordError"]
+__all__ = [
+    "BatchOutput",
+    "ChangelogTable",
+    "Generation",
+    "OutputSettings",
+    "OutputSink",
+    "OversizedRecordError",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +84,7 @@ class BatchOutput:
     generation: Generation = field(default_factory=Generation)
     sent: int = 0  # records acknowledged so far
     _partitions: dict[str, int] = field(default_factory=dict)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one flush at a time
 
     async def start(self) -> None:
         """Connect the producer (idempotent)."""
@@ -108,7 +119,7 @@ class BatchOutput:
         return self.generation
 
     def pending(self) -> int:
-        """Records buffered and not yet acknowledged."""
+        """Records buffered and not yet handed to a flush."""
         return sum(len(records) for records in self.buffers.values())
 
     async def flush(self) -> int:
@@ -116,29 +127,29 @@ class BatchOutput:
 
         Retries the whole flush with backoff until it succeeds (records of a partial success
         are sent twice, which at-least-once allows: sample ids and changelog keys make it
-        harmless).
+        harmless). Concurrent calls run one after the other.
         """
-        if not self.buffers:
-            self.generation.acked = True
-            self.generation = Generation()
-            return 0
+        async with self._lock:
+            return await self._flush()
+
+    async def _flush(self) -> int:
+        # Take the buffers and the generation first: records added while this flush waits
+        # (another task of the worker) belong to the next flush and the next generation.
+        buffers, self.buffers = self.buffers, defaultdict(list)
+        generation, self.generation = self.generation, Generation()
+        n = sum(len(records) for records in buffers.values())
         backoff = self.settings.retry_backoff_s
-        while True:
+        while n:
             try:
-                n = await self._send_all()
+                await self._send_all(buffers)
                 break
             except (TimeoutError, KafkaError) as exc:
                 logger.warning(
-                    "output flush of %s records failed (%r); retrying in %.1fs",
-                    self.pending(),
-                    exc,
-                    backoff,
+                    "output flush of %s records failed (%r); retrying in %.1fs", n, exc, backoff
                 )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
-        self.buffers.clear()
-        self.generation.acked = True
-        self.generation = Generation()
+        generation.acked = True
         self.sent += n
         return n
 
@@ -148,11 +159,10 @@ class BatchOutput:
             raise RuntimeError("the output producer is stopped")
         return self.producer
 
-    async def _send_all(self) -> int:
+    async def _send_all(self, buffers: dict[tuple[str, int], list[Record]]) -> None:
         producer = await self._ready()
         futures: list[asyncio.Future[Any]] = []
-        n = 0
-        for (topic, partition), records in self.buffers.items():
+        for (topic, partition), records in buffers.items():
             batch = producer.create_batch()
             for key, value in records:
                 if batch.append(key=key, value=value, timestamp=None) is None:
@@ -163,6 +173,92 @@ class BatchOutput:
                     if batch.append(key=key, value=value, timestamp=None) is None:
                         raise OversizedRecordError(len(value or b""), self.settings.max_batch_bytes)
             futures.append(await producer.send_batch(batch, topic, partition=partition))
-            n += len(records)
         await asyncio.gather(*futures)
-        return n
+
+
+class OutputSink:
+    """The join worker's :class:`stream.worker.Sink` over a :class:`BatchOutput`.
+
+    Samples go to the input record's partition when the samples topic has as many partitions
+    as the inputs (they are keyed by impression id, so that is where Kafka's partitioner would
+    put them too); otherwise to the partition Kafka's partitioner picks. Set ``partition`` to
+    the input partition being handled; call :meth:`size` once before the first record.
+    """
+
+    def __init__(
+        self,
+        output: BatchOutput,
+        *,
+        samples_topic: str,
+        dead_letters_topic: str,
+        input_partitions: int,
+        counters: bool = True,
+    ) -> None:
+        self.output = output
+        self.samples_topic = samples_topic
+        self.dead_letters_topic = dead_letters_topic
+        self.input_partitions = input_partitions
+        self.counters_enabled = counters
+        self.partition = 0  # the input partition being handled
+        self.partitions: dict[str, int] = {}  # topic -> partition count
+        self.counters: list[CounterEvent] = []
+
+    async def size(self, forward_topics: list[str]) -> None:
+        """Look up the partition counts of every topic the sink writes to."""
+        for topic in (self.samples_topic, self.dead_letters_topic, *forward_topics):
+            self.partitions[topic] = await self.output.partitions(topic)
+
+    def _partition(self, topic: str, key: bytes) -> int:
+        n = self.partitions[topic]
+        return self.partition if n == self.input_partitions else partition_for(key, n)
+
+    def sample(self, key: bytes, value: bytes) -> Generation:
+        """Buffer a sample; its generation is done once the broker acknowledged it."""
+        topic = self.samples_topic
+        return self.output.add(topic, self._partition(topic, key), key, value)
+
+    def dead_letter(self, value: bytes) -> None:
+        """Buffer a dead letter (unkeyed; spread over partitions by input partition)."""
+        topic = self.dead_letters_topic
+        self.output.add(topic, self.partition % self.partitions[topic], None, value)
+
+    def forward(self, topic: str, key: bytes, value: bytes) -> None:
+        """Buffer a record re-keyed by impression id, for the partition that owns it."""
+        self.output.add(topic, partition_for(key, self.partitions[topic]), key, value)
+
+    def counter(self, item_id: str, kind: str, ts: int) -> None:
+        """Collect a live item counter event (written to Redis by the caller, in batches)."""
+        if self.counters_enabled:
+            self.counters.append(CounterEvent(item_id, kind, ts))  # type: ignore[arg-type]
+
+
+class ChangelogTable(MutableMapping[bytes, bytes]):
+    """The join state: a mapping whose changes are also buffered as changelog records.
+
+    The records are raw key and value bytes (a ``None`` value deletes the key), written to
+    changelog partition ``partition``: set it to the input partition being handled, which owns
+    the key. faust's Table recovers from the same topic, and so does the direct engine.
+    """
+
+    def __init__(self, data: MutableMapping[bytes, bytes], topic: str, output: BatchOutput) -> None:
+        self.data = data
+        self.topic = topic
+        self.output = output
+        self.partition = 0
+
+    def __getitem__(self, key: bytes) -> bytes:
+        return self.data[key]
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        self.data[key] = value
+        self.output.add(self.topic, self.partition, key, value)
+
+    def __delitem__(self, key: bytes) -> None:
+        del self.data[key]
+        self.output.add(self.topic, self.partition, key, None)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
