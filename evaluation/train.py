@@ -29,6 +29,7 @@ from evaluation.datasets import Dataset, Split
 from evaluation.metrics import selection_score
 from learner.losses import LossConfig, LossResult, MultiTaskLoss, Targets
 from learner.models import RankingModel, build_model
+from learner.optim import clipped_params
 from learner.optim import make_optimizers as learner_optimizers
 from learner.settings import LearnerSettings
 
@@ -116,8 +117,7 @@ def make_optimizers(
 ) -> tuple[list[torch.optim.Optimizer], list[nn.Parameter]]:
     """Return the learner's optimizers (`learner.optim`) and the parameters to clip."""
     optimizers = learner_optimizers(model, extra, lr=budget.lr, embedding_lr=budget.embedding_lr)
-    clip = [p for group in optimizers["dense"].param_groups for p in group["params"]]
-    return list(optimizers.values()), clip
+    return list(optimizers.values()), clipped_params(optimizers)
 
 
 class LearnerModel:

@@ -60,7 +60,7 @@ from learner.errors import ConfigError
 from learner.losses import LossResult, MultiTaskLoss
 from learner.metrics import ProgressiveValidation, format_metrics
 from learner.models import RankingModel, build_model
-from learner.optim import make_optimizers
+from learner.optim import clipped_params, make_optimizers
 from learner.settings import LearnerSettings
 from learner.source import KafkaSource, RecordBatch, SourceConfig
 from mtlstream.errors import SettingsError
@@ -258,9 +258,8 @@ class Learner:
 
     @property
     def dense_params(self) -> list[nn.Parameter]:
-        """Parameters whose gradients are clipped (sparse embedding rows are not: SparseAdam
-        normalises each row's step, and clipping would need a coalesce per table per step)."""
-        return [p for group in self.optimizers["dense"].param_groups for p in group["params"]]
+        """Parameters whose gradients are clipped (`learner.optim.clipped_params`)."""
+        return clipped_params(self.optimizers)
 
     # --- the loop -------------------------------------------------------------------------
 

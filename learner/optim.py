@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["make_optimizers"]
+__all__ = ["clipped_params", "make_optimizers"]
 
 
 def make_optimizers(
@@ -56,3 +56,12 @@ def make_optimizers(
         "dense": torch.optim.Adam(dense, lr=lr),
         "sparse": torch.optim.SparseAdam(weights, lr=embedding_lr),
     }
+
+
+def clipped_params(optimizers: dict[str, torch.optim.Optimizer]) -> list[nn.Parameter]:
+    """Parameters whose gradient norm is clipped: those of the ``"dense"`` optimizer.
+
+    Sparse embedding rows are not clipped: SparseAdam normalises each row's step, and clipping
+    would need a coalesce per table per step.
+    """
+    return [p for group in optimizers["dense"].param_groups for p in group["params"]]
