@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from learner.errors import ConfigError
@@ -62,18 +61,18 @@ class ExtractionLayer(nn.Module):
     def forward(
         self, task_inputs: Mapping[str, Tensor], shared_input: Tensor
     ) -> tuple[dict[str, Tensor], Tensor | None, dict[str, Tensor]]:
-        shared = self.shared_experts(shared_input)  # (B, S, H)
-        own = {t: self.task_experts[t](task_inputs[t]) for t in self.tasks}  # task -> (B, T, H)
+        shared = self.shared_experts(shared_input)  # S x (B, H)
+        own = {t: self.task_experts[t](task_inputs[t]) for t in self.tasks}  # task -> K x (B, H)
         fused: dict[str, Tensor] = {}
         weights: dict[str, Tensor] = {}
         for t in self.tasks:
             w = self.task_gates[t](task_inputs[t])  # (B, T + S)
-            fused[t] = fuse(w, torch.cat([own[t], shared], dim=1))  # (B, H)
+            fused[t] = fuse(w, own[t] + shared)  # (B, H)
             weights[t] = w
         if self.shared_gate is None:
             return fused, None, weights
         w = self.shared_gate(shared_input)  # (B, K*T + S)
-        every = torch.cat([*(own[t] for t in self.tasks), shared], dim=1)  # (B, K*T + S, H)
+        every = [out for t in self.tasks for out in own[t]] + shared  # (K*T + S) x (B, H)
         weights["shared"] = w
         return fused, fuse(w, every), weights
 

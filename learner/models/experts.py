@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from learner.models.base import check_dropout, check_hidden
@@ -36,9 +35,10 @@ class Expert(nn.Module):
 
 
 class ExpertGroup(nn.Module):
-    """`n` experts reading the same input, outputs stacked along dim 1.
+    """`n` experts reading the same input.
 
-    Call Args: x (B, in_dim).  Returns: (B, n, hidden[-1]).
+    Call Args: x (B, in_dim).  Returns: n outputs (B, hidden[-1]), a list (``gates.fuse`` mixes
+    them; stacking them into one tensor is a copy that inference does without).
     """
 
     def __init__(self, n: int, in_dim: int, hidden: Sequence[int], dropout: float = 0.0) -> None:
@@ -51,5 +51,5 @@ class ExpertGroup(nn.Module):
     def __len__(self) -> int:
         return len(self.experts)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.stack([expert(x) for expert in self.experts], dim=1)  # (B, n, H)
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return [expert(x) for expert in self.experts]  # n x (B, H)

@@ -47,7 +47,7 @@ class MMoE(Backbone):
         self.out_dim = self.experts.out_dim
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
-        experts = self.experts(x)  # (B, E, H)
+        experts = self.experts(x)  # E x (B, H)
         out: dict[str, Tensor] = {}
         self._gates = {}
         for name, gate in self.gates.items():

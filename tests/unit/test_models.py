@@ -325,11 +325,11 @@ def test_fuse_training_and_inference_forms_agree() -> None:
 
     torch.manual_seed(0)
     weights = torch.softmax(torch.randn(257, 5), dim=-1)  # (B, E)
-    experts = torch.randn(257, 5, 33)  # (B, E, H)
+    experts = list(torch.randn(5, 257, 33))  # E x (B, H)
     with torch.no_grad():
-        inference = fuse(weights, experts)  # the bmm form
-    training = fuse(weights, experts)  # the multiply-and-sum form (grad enabled)
+        inference = fuse(weights, experts)  # the weighted sum of the list
+    training = fuse(weights, experts)  # the stacked multiply-and-sum form (grad enabled)
     assert inference.shape == training.shape == (257, 33)
     torch.testing.assert_close(training, inference, rtol=1e-6, atol=1e-6)
-    manual = sum(weights[:, e : e + 1] * experts[:, e] for e in range(5))
-    torch.testing.assert_close(inference, manual, rtol=1e-6, atol=1e-6)
+    manual = torch.einsum("be,ebh->bh", weights, torch.stack(experts))
+    torch.testing.assert_close(inference, manual, rtol=1e-5, atol=1e-6)

@@ -161,3 +161,16 @@ def test_the_request_path_equals_the_rows_path(scorer: LoadedModel) -> None:
     via_rows = scorer.score(feature_rows(scorer.fields, "u7", ids, found, context), WEIGHTS)
     assert np.array_equal(direct.preds, via_rows.preds)
     assert np.array_equal(direct.scores, via_rows.scores)
+
+
+def test_the_onnx_graph_is_exported_in_inference_form(reference: RankingModel) -> None:
+    # gates.fuse stacks the expert outputs only with grad on (training); an export traced with
+    # grad on would serve that slower form (ReduceSum over a Concat) without any wrong score
+    from serving.runtime import OnnxExporter
+
+    exporter = OnnxExporter()
+    exporter.runtime(reference)
+    (graph,) = exporter._graphs.values()
+    ops = {node.op_type for node in graph.graph.node}
+    assert "ReduceSum" not in ops
+    assert "Gemm" in ops  # the experts and gates are there
