@@ -35,7 +35,7 @@ Examples
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -43,6 +43,7 @@ import redis
 import redis.asyncio
 
 from feature_store.keys import COUNTERS_TS_FIELD, DEFAULT_NAMESPACE, KeySpace
+from feature_store.pipe import RawPipeline
 from feature_store.store import (
     Command,
     Flow,
@@ -68,7 +69,9 @@ __all__ = [
     "bucket_field",
     "bucket_start",
     "count_batch",
+    "counter_client",
     "counter_flow",
+    "decode_buckets",
     "smoothed_ctr",
     "window_totals",
 ]
@@ -220,9 +223,22 @@ def window_totals(
     return WindowTotals(sums["imp"], sums["clk"], ctr, anchor), stale
 
 
-def decode_buckets(raw: RawHash) -> dict[str, int]:
-    """Decode a bucket hash (HGETALL reply) to field -> count."""
-    return {text(k): int(v) for k, v in raw.items()}
+def decode_buckets(raw: RawHash | Sequence[bytes | str]) -> dict[str, int]:
+    """Decode a bucket hash to field -> count.
+
+    The HGETALL reply is a mapping from redis-py, a flat ``[k1, v1, k2, v2, ...]`` list from
+    :class:`~feature_store.pipe.RawPipeline` (RESP2 as hiredis parses it).
+
+    Examples
+    --------
+    >>> decode_buckets({b"imp:0": b"3"}), decode_buckets([b"imp:0", b"3", b"clk:0", b"1"])
+    ({'imp:0': 3}, {'imp:0': 3, 'clk:0': 1})
+    """
+    if isinstance(raw, Mapping):
+        return {text(k): int(v) for k, v in raw.items()}
+    if len(raw) % 2:
+        raise ValueError(f"an HGETALL reply must have an even length, got {len(raw)} items")
+    return {text(k): int(v) for k, v in zip(raw[::2], raw[1::2], strict=True)}
 
 
 def _parse_anchor(raw: bytes | str | None) -> int:
@@ -310,11 +326,15 @@ class ItemCounterWriter:
 
 
 class AsyncItemCounterWriter:
-    """Updates item counters over a ``redis.asyncio.Redis`` (the faust stream worker)."""
+    """Updates item counters over a ``redis.asyncio.Redis`` or a :class:`RawPipeline`.
+
+    The stream workers use a RawPipeline: a batch of thousands of commands costs several times
+    less CPU than through redis-py's pipeline, and the stored counters are the same.
+    """
 
     def __init__(
         self,
-        client: redis.asyncio.Redis,
+        client: redis.asyncio.Redis | RawPipeline,
         settings: CounterSettings | None = None,
         namespace: str | KeySpace = DEFAULT_NAMESPACE,
     ) -> None:
@@ -326,4 +346,27 @@ class AsyncItemCounterWriter:
         self, events: Iterable[CounterEvent | tuple[str, str, int]]
     ) -> dict[str, WindowTotals]:
         """Count a batch of (item_id, kind, ts_ms) events; return the touched items' totals."""
-        return await arun_flow(self.client, counter_flow(self.keys, self.settings, events))
+        flow = counter_flow(self.keys, self.settings, events)
+        if isinstance(self.client, RawPipeline):
+            return await self.client.run(flow)
+        return await arun_flow(self.client, flow)
+
+
+def counter_client(url: str, timeout_s: float = 2.0) -> RawPipeline | redis.asyncio.Redis:
+    """The client a stream worker writes counters with; both kinds close with ``aclose()``.
+
+    A :class:`RawPipeline`, or redis-py's client where the URL needs what RawPipeline lacks
+    (TLS). ``timeout_s`` bounds one round trip: a whole step of a batch of thousands of events.
+
+    Examples
+    --------
+    >>> type(counter_client("redis://localhost:6379/0")).__name__
+    'RawPipeline'
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    try:
+        return RawPipeline(url, timeout_s=timeout_s)
+    except ValueError as exc:  # the URL: only a bad scheme is left to fail
+        logger.warning("counters fall back to redis-py's pipeline: %s", exc)
+        return redis.asyncio.Redis.from_url(url, socket_timeout=timeout_s)

@@ -1,4 +1,4 @@
-"""A lean pipelined RESP client for the scorer's hot path: one step per round trip, hiredis parsing.
+"""A lean pipelined RESP client for the hot paths: one step per round trip, hiredis parsing.
 
 redis-py's asyncio pipeline spends ~5-10 us of Python per command (command objects, one
 ``read_response`` coroutine per reply); for a request of 500 candidates that is several
@@ -6,12 +6,17 @@ milliseconds, ten times what Redis needs to answer 501 HMGETs. :class:`RawPipeli
 sans-IO flows as :func:`feature_store.store.arun_flow`, but packs a whole step into one buffer
 (commands of a step share their frame: ``HMGET <key> f1 f2 ...`` is packed once per step, not
 once per key) and lets hiredis parse every reply in C. benchmarks/serving.py measures it
-against redis-py's pipeline (``MTL_SERVE_READ_PATH=pipeline``).
+against redis-py's pipeline (``MTL_SERVE_READ_PATH=pipeline``). The stream workers write their
+live item counters through it too (:func:`feature_store.counters.counter_client`).
 
 It is deliberately small: plain TCP or a unix socket (``redis://``, ``unix://``), optional AUTH and
 SELECT from the URL, RESP2, no TLS, no cluster, no retries. Each exchange runs under one timeout;
 a connection that fails, times out or is cancelled mid-exchange is closed, never reused, and the
 error surfaces as redis-py's ``ConnectionError`` / ``TimeoutError`` so callers catch one family.
+Error replies are redis-py's ``ResponseError`` (``NoScriptError`` for NOSCRIPT). The one repair it
+does is :func:`feature_store.store.execute_step`'s: EVALSHA commands answered NOSCRIPT (a
+restarted server, SCRIPT FLUSH) are re-sent after a SCRIPT LOAD, in one more round trip.
+Replies are hiredis's, not redis-py's conversions: HGETALL is a flat ``[k1, v1, ...]`` list.
 
 Examples
 --------
@@ -33,12 +38,19 @@ from typing import Any, TypeVar
 import hiredis
 from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from feature_store.store import Command, Flow, Step
+from feature_store.store import (
+    Command,
+    Flow,
+    Step,
+    merge_reloaded,
+    plan_script_reload,
+    raise_first_error,
+)
 
-__all__ = ["RawPipeline", "pack_step"]
+__all__ = ["RawPipeline", "pack_step", "reply_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,15 +100,35 @@ def pack_step(step: Sequence[Command]) -> bytes:
     return b"".join(out)
 
 
+def reply_error(message: str) -> ResponseError:
+    """The exception an error reply becomes: ``NoScriptError`` for NOSCRIPT, else ``ResponseError``.
+
+    Examples
+    --------
+    >>> type(reply_error("NOSCRIPT No matching script")).__name__
+    'NoScriptError'
+    """
+    if message.startswith("NOSCRIPT "):
+        return NoScriptError(message)
+    return ResponseError(message)
+
+
 class _Conn:
     """One socket and its reply parser."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
-        self.parser = hiredis.Reader(replyError=ResponseError)
+        self.parser = hiredis.Reader(replyError=self._error)
+        # error replies in the current exchange: a step without any is returned unscanned
+        self.errors = 0
+
+    def _error(self, message: str) -> ResponseError:
+        self.errors += 1
+        return reply_error(message)
 
     async def exchange(self, payload: bytes, n_replies: int) -> list[Any]:
+        self.errors = 0
         self.writer.write(payload)
         replies: list[Any] = []
         while len(replies) < n_replies:
@@ -155,17 +187,36 @@ class RawPipeline:
         if p.get("db"):
             step.append(("SELECT", p["db"]))
         if step:
-            _raise_errors(await conn.exchange(pack_step(step), len(step)))
+            raise_first_error(await conn.exchange(pack_step(step), len(step)))
 
     async def execute(self, step: Step) -> list[Any]:
-        """Send a step in one round trip and return its replies (raising the first error)."""
+        """Send a step in one round trip and return its replies (raising the first error).
+
+        Only a NOSCRIPT reply costs more: one more round trip loads the scripts and re-sends the
+        failed commands (on one connection, so the loads run first).
+        """
         if not step:
             return []
+        replies, errors = await self._exchange(step)
+        if not errors:  # the common case: no pass over hundreds of replies
+            return replies
+        reload = plan_script_reload(step, replies)
+        if reload is None:
+            return raise_first_error(replies)
+        loads: Step = [("SCRIPT", "LOAD", source) for source in reload.sources]
+        retried, _ = await self._exchange(loads + reload.step)
+        raise_first_error(retried[: len(loads)])
+        return merge_reloaded(replies, reload, retried[len(loads) :])
+
+    async def _exchange(self, step: Step) -> tuple[list[Any], int]:
+        """One round trip on a pooled connection: the replies (errors as exceptions), and how
+        many error replies there were."""
         conn: _Conn | None = None
         try:
             async with asyncio.timeout(self.timeout_s):
                 conn = self._idle.pop() if self._idle else await self._open()
                 replies = await conn.exchange(pack_step(step), len(step))
+                errors = conn.errors
         except TimeoutError as exc:
             self._discard(conn)
             raise RedisTimeoutError(f"no answer from Redis within {self.timeout_s}s") from exc
@@ -179,7 +230,7 @@ class RawPipeline:
             self._idle.append(conn)
         else:
             conn.close()
-        return _raise_errors(replies)
+        return replies, errors
 
     def _discard(self, conn: _Conn | None) -> None:
         if conn is not None:
@@ -202,10 +253,3 @@ class RawPipeline:
             conn.close()
             with contextlib.suppress(OSError):
                 await conn.writer.wait_closed()
-
-
-def _raise_errors(replies: list[Any]) -> list[Any]:
-    for reply in replies:
-        if isinstance(reply, ResponseError):
-            raise reply
-    return replies

@@ -59,6 +59,7 @@ __all__ = [
     "LuaScript",
     "RawHash",
     "RequestRows",
+    "ScriptReload",
     "Step",
     "aexecute_step",
     "arun_flow",
@@ -74,6 +75,9 @@ __all__ = [
     "execute_step",
     "feature_keys",
     "merge_command",
+    "merge_reloaded",
+    "plan_script_reload",
+    "raise_first_error",
     "read_fields_flow",
     "read_flow",
     "read_request_flow",
@@ -145,7 +149,7 @@ return 1
 # --- runners: the only code that talks to Redis -------------------------------------------------
 
 
-class _Reload(NamedTuple):
+class ScriptReload(NamedTuple):
     """What to repair after NOSCRIPT replies: sources to load and the commands to re-send."""
 
     sources: list[str]
@@ -153,24 +157,29 @@ class _Reload(NamedTuple):
     step: Step
 
 
-def _noscript(step: Step, results: list[Any]) -> _Reload | None:
-    """Plan the repair of a step whose EVALSHA commands got NOSCRIPT, or ``None`` if none did."""
+def plan_script_reload(step: Step, results: list[Any]) -> ScriptReload | None:
+    """Plan the repair of a step whose EVALSHA commands got NOSCRIPT, or ``None`` if none did.
+
+    ``results`` holds the step's replies with error replies as exception instances; a NOSCRIPT
+    reply must be a ``redis.exceptions.NoScriptError`` (as redis-py and RawPipeline give it).
+    """
     indices = [i for i, res in enumerate(results) if isinstance(res, NoScriptError)]
     if not indices:
         return None
     shas = sorted({step[i][1] for i in indices})
     logger.info("loading %d lua script(s) after NOSCRIPT", len(shas))
-    return _Reload([_SCRIPT_SOURCES[s] for s in shas], indices, [step[i] for i in indices])
+    return ScriptReload([_SCRIPT_SOURCES[s] for s in shas], indices, [step[i] for i in indices])
 
 
-def _merge(results: list[Any], reload: _Reload, retried: list[Any]) -> list[Any]:
+def merge_reloaded(results: list[Any], reload: ScriptReload, retried: list[Any]) -> list[Any]:
     """Put the re-sent commands' replies in place, then raise the first error if any."""
     for i, res in zip(reload.indices, retried, strict=True):
         results[i] = res
-    return _raise_first_error(results)
+    return raise_first_error(results)
 
 
-def _raise_first_error(results: list[Any]) -> list[Any]:
+def raise_first_error(results: list[Any]) -> list[Any]:
+    """Return a step's replies, or raise the first error reply among them."""
     for res in results:
         if isinstance(res, Exception):
             raise res
@@ -201,12 +210,12 @@ def execute_step(client: redis.Redis, step: Step) -> list[Any]:
     if not step:
         return []
     results = _send(client, step)
-    reload = _noscript(step, results)
+    reload = plan_script_reload(step, results)
     if reload is None:
-        return _raise_first_error(results)
+        return raise_first_error(results)
     for source in reload.sources:
         client.script_load(source)
-    return _merge(results, reload, _send(client, reload.step))
+    return merge_reloaded(results, reload, _send(client, reload.step))
 
 
 async def aexecute_step(client: redis.asyncio.Redis, step: Step) -> list[Any]:
@@ -214,12 +223,12 @@ async def aexecute_step(client: redis.asyncio.Redis, step: Step) -> list[Any]:
     if not step:
         return []
     results = await _asend(client, step)
-    reload = _noscript(step, results)
+    reload = plan_script_reload(step, results)
     if reload is None:
-        return _raise_first_error(results)
+        return raise_first_error(results)
     for source in reload.sources:
         await client.script_load(source)
-    return _merge(results, reload, await _asend(client, reload.step))
+    return merge_reloaded(results, reload, await _asend(client, reload.step))
 
 
 def run_flow(client: redis.Redis, flow: Flow[T]) -> T:

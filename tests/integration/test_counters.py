@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis
@@ -16,6 +18,7 @@ from feature_store.counters import (
     smoothed_ctr,
 )
 from feature_store.keys import COUNTERS_TS_FIELD, KeySpace
+from feature_store.pipe import RawPipeline
 from feature_store.store import FeatureStore, text
 
 pytestmark = pytest.mark.integration
@@ -180,3 +183,52 @@ async def test_async_writer_gives_the_same_totals(
             assert await async_writer.write(batch) == sync_writer.write(batch)
     finally:
         await aclient.aclose()
+
+
+@pytest.fixture
+async def pipe(redis_url: str) -> AsyncIterator[RawPipeline]:
+    pipe = RawPipeline(redis_url, timeout_s=2.0)
+    yield pipe
+    await pipe.aclose()
+
+
+def _dump(client: redis.Redis, prefix: str) -> dict[str, tuple[dict[Any, Any], bool]]:
+    """Every hash under ``prefix``: key without the prefix -> (fields, has a TTL)."""
+    return {
+        text(key)[len(prefix) :]: (client.hgetall(key), client.pttl(key) > 0)
+        for key in client.scan_iter(match=f"{prefix}*", count=1000)
+    }
+
+
+@pytest.mark.parametrize("seed", [4, 17])
+async def test_raw_pipeline_stores_the_same_hashes_as_redis_py(
+    pipe: RawPipeline, redis_url: str, redis_client: redis.Redis, namespace: str, seed: int
+) -> None:
+    aclient = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        over_py = AsyncItemCounterWriter(aclient, SETTINGS, namespace + "py:")
+        over_raw = AsyncItemCounterWriter(pipe, SETTINGS, namespace + "raw:")
+        for batch in _batches(seed, n_batches=25, n_items=60):
+            assert await over_raw.write(batch) == await over_py.write(batch)
+    finally:
+        await aclient.aclose()
+    stored = _dump(redis_client, namespace + "raw:")
+    assert stored == _dump(redis_client, namespace + "py:")
+    # both bucket hashes (with their TTL) and feature hashes were compared
+    assert {key.split(":")[0] for key in stored} == {"cnt", "feat"}
+    assert all(ttl for key, (_, ttl) in stored.items() if key.startswith("cnt:"))
+
+
+async def test_raw_pipeline_counters_survive_a_script_flush(
+    pipe: RawPipeline, redis_client: redis.Redis, namespace: str
+) -> None:
+    keys = KeySpace(namespace)
+    writer = AsyncItemCounterWriter(pipe, SETTINGS, namespace)
+    reference = NaiveCounters(SETTINGS)
+    for batch in _batches(seed=13, n_batches=4):
+        redis_client.script_flush()  # as after a server restart: every EVALSHA answers NOSCRIPT
+        expected = reference.add(batch)
+        totals = await writer.write(batch)
+        assert {i: (t.impressions, t.clicks, t.anchor_ms) for i, t in totals.items()} == expected
+        for item, counts in expected.items():
+            assert _stored(redis_client, keys, item) == counts

@@ -11,12 +11,18 @@ import pytest
 import redis
 import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from feature_store.keys import KeySpace
 from feature_store.pipe import RawPipeline
-from feature_store.store import AsyncFeatureStore, FeatureStore, read_fields_flow
+from feature_store.store import (
+    MERGE_NEWEST,
+    AsyncFeatureStore,
+    FeatureStore,
+    merge_command,
+    read_fields_flow,
+)
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -112,6 +118,54 @@ async def test_one_step_is_one_write_and_connections_are_reused(
 async def test_error_replies_raise_and_keep_the_connection_usable(pipe: RawPipeline) -> None:
     with pytest.raises(ResponseError):
         await pipe.execute([("PING",), ("NOT-A-COMMAND", "x")])
+    assert await pipe.execute([("PING",)]) == [b"PONG"]
+
+
+async def test_noscript_replies_are_repaired_in_one_more_round_trip(
+    pipe: RawPipeline, redis_client: redis.Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = KeySpace(namespace)
+    a, b, plain = keys.item_features("a"), keys.item_features("b"), f"{namespace}plain"
+    step = [
+        merge_command(a, {"x": "1"}, 5),
+        ("SET", plain, "v"),
+        merge_command(b, {"x": "2"}, 5),
+        ("GET", plain),
+        merge_command(a, {"x": "0"}, 4),  # older than the first: ignored
+    ]
+    await pipe.execute([("PING",)])  # open the connection before counting round trips
+    writes: list[int] = []
+    original = asyncio.StreamWriter.write
+
+    def counting(self: asyncio.StreamWriter, data: bytes | bytearray | memoryview) -> None:
+        writes.append(len(data))
+        original(self, data)
+
+    monkeypatch.setattr(asyncio.StreamWriter, "write", counting)
+    redis_client.script_flush()  # as after a server restart: EVALSHA answers NOSCRIPT
+    assert await pipe.execute(step) == [1, b"OK", 1, b"v", 0]
+    assert len(writes) == 2  # the step, then SCRIPT LOAD + the three EVALSHAs again
+    assert redis_client.script_exists(MERGE_NEWEST.sha) == [True]
+    assert redis_client.hgetall(a) == {b"_ts": b"5", b"x": b"1"}
+    assert redis_client.hgetall(b) == {b"_ts": b"5", b"x": b"2"}
+    assert await pipe.execute(step[:1]) == [1]
+    assert len(writes) == 3  # loaded: one round trip again
+
+
+async def test_other_error_replies_still_raise_after_a_noscript_repair(
+    pipe: RawPipeline, redis_client: redis.Redis, namespace: str
+) -> None:
+    key, plain = KeySpace(namespace).item_features("a"), f"{namespace}plain"
+    redis_client.set(plain, "not a hash")
+    redis_client.script_flush()
+    with pytest.raises(ResponseError) as unknown:
+        await pipe.execute([merge_command(key, {"x": "3"}, 9), ("NOT-A-COMMAND", "x")])
+    assert not isinstance(unknown.value, NoScriptError)
+    assert redis_client.hget(key, "x") == b"3"  # repaired and applied, as execute_step does
+    redis_client.script_flush()
+    with pytest.raises(ResponseError, match="WRONGTYPE") as wrong:
+        await pipe.execute([merge_command(plain, {"x": "1"}, 1)])  # fails inside the script
+    assert not isinstance(wrong.value, NoScriptError)
     assert await pipe.execute([("PING",)]) == [b"PONG"]
 
 

@@ -9,13 +9,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis.asyncio
 import safetensors.numpy
 
 from feature_store.counters import (
     CounterSettings,
+    WindowTotals,
     bucket_field,
     bucket_start,
     count_batch,
+    counter_client,
+    counter_flow,
+    decode_buckets,
     smoothed_ctr,
     window_totals,
 )
@@ -25,6 +30,7 @@ from feature_store.errors import (
     SnapshotNotFoundError,
 )
 from feature_store.keys import KeySpace
+from feature_store.pipe import RawPipeline
 from feature_store.registry import (
     check_safetensors,
     decode_meta,
@@ -249,6 +255,58 @@ def test_window_totals_match_a_naive_sum() -> None:
         assert totals.clicks == sum(v for k, v in inside.items() if k.startswith("clk:"))
         assert sorted(stale) == sorted(set(buckets) - set(inside))
         assert totals.ctr == smoothed_ctr(totals.impressions, totals.clicks, settings)
+
+
+def test_decode_buckets_reads_a_mapping_or_a_flat_list() -> None:
+    # redis-py's HGETALL (str with decode_responses), hiredis's (RawPipeline)
+    as_mapping: dict[bytes | str, bytes | str] = {b"imp:60000": b"3", b"clk:60000": b"1"}
+    as_mapping["junk"] = "7"
+    flat: list[bytes | str] = [b"imp:60000", b"3", b"clk:60000", b"1", "junk", "7"]
+    expected = {"imp:60000": 3, "clk:60000": 1, "junk": 7}
+    assert decode_buckets(as_mapping) == expected
+    assert decode_buckets(flat) == expected
+    assert decode_buckets({}) == decode_buckets([]) == {}
+    with pytest.raises(ValueError):
+        decode_buckets([b"imp:0", b"3", b"clk:0"])
+
+
+def _counter_round_trips(
+    hashes: list[Any],
+) -> tuple[dict[str, WindowTotals], list[tuple[Any, ...]]]:
+    """Drive counter_flow with canned replies; return its totals and its second step."""
+    settings = CounterSettings(window_ms=180_000, bucket_ms=60_000)
+    events = [("a", "impression", 200_000), ("a", "click", 201_000), ("b", "impression", 130_000)]
+    flow = counter_flow(KeySpace("t:"), settings, events)
+    first = next(flow)
+    assert [c[0] for c in first] == ["HINCRBY"] * 3 + ["HGETALL"] * 2 + ["HGET"] * 2
+    # HINCRBY counts, the two bucket hashes, then the anchors stored with the totals
+    writes = flow.send([2, 1, 4, *hashes, None, b"240000"])
+    with pytest.raises(StopIteration) as stop:
+        flow.send([1] * len(writes))
+    totals: dict[str, WindowTotals] = stop.value.value
+    return totals, writes
+
+
+def test_counter_flow_reads_redis_py_and_hiredis_replies_alike() -> None:
+    a_hash = {b"imp:0": b"5", b"imp:180000": b"2", b"clk:180000": b"1"}
+    b_hash = {b"imp:120000": b"4"}
+    flat = [[x for pair in h.items() for x in pair] for h in (a_hash, b_hash)]
+    totals, writes = _counter_round_trips([a_hash, b_hash])
+    assert _counter_round_trips(flat) == (totals, writes)
+    assert (totals["a"].impressions, totals["a"].clicks, totals["a"].anchor_ms) == (2, 1, 180_000)
+    # b's stored anchor (a later batch) keeps its window ahead of this batch's
+    assert (totals["b"].impressions, totals["b"].clicks, totals["b"].anchor_ms) == (4, 0, 240_000)
+    assert writes[0] == ("HDEL", "t:cnt:item:a", "imp:0")
+
+
+def test_counter_client_falls_back_to_redis_py_where_raw_cannot_go() -> None:
+    assert isinstance(counter_client("redis://127.0.0.1:6379/0"), RawPipeline)
+    assert isinstance(counter_client("unix:///tmp/redis.sock"), RawPipeline)
+    fallback = counter_client("rediss://127.0.0.1:6380/0", timeout_s=1.5)
+    assert isinstance(fallback, redis.asyncio.Redis)
+    assert fallback.connection_pool.connection_kwargs["socket_timeout"] == 1.5
+    with pytest.raises(ValueError):
+        counter_client("redis://127.0.0.1:6379/0", timeout_s=0)
 
 
 def _drive(flow: Generator[list[tuple[Any, ...]], list[Any], Any], replies: list[list[Any]]) -> Any:
