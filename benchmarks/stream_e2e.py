@@ -1,13 +1,15 @@
-"""Joined samples/s through the real broker for one stream worker, beside a same-run baseline.
+"""Joined samples/s through the real broker for one stream worker, beside same-run baselines.
 
 A backlog of simulated events (impressions, clicks, follow-on clicks, plus one closing
-impression per partition) is produced first; then one `mtlstream stream` worker is started and
-timed from its first input record to the last sample. Two baselines run over the same backlog
-in the same run: a kafka-python consume -> produce passthrough (one output record per input
+impression per partition) is produced first; then one `mtlstream stream` worker per engine
+(``MTL_STREAM_ENGINE``: faust, then direct, each over its own copy of the backlog) is started
+and timed from its start to the last sample. Two baselines run over the same backlog in the
+same run: a kafka-python consume -> produce passthrough (one output record per input
 impression, no join, no state: the broker round trip alone), and a faust app whose agent only
 counts the events (``benchmarks/faust_null_app.py``: the ceiling of faust's consumer path).
 
-Usage:  .venv/bin/python benchmarks/stream_e2e.py [--impressions 100000] [--bootstrap HOST:PORT]
+Usage:  .venv/bin/python benchmarks/stream_e2e.py [--impressions 100000] [--engines faust,direct]
+        [--bootstrap HOST:PORT --redis-url URL] [--no-counters]
 Without --bootstrap (or KAFKA_BOOTSTRAP_SERVERS) it starts a private Kafka + Redis with the
 project's launcher on free ports and stops them at the end.
 """
@@ -112,15 +114,8 @@ def count_samples(senv: StreamEnv, want: int, timeout_s: float, start: float) ->
     return n, last - start
 
 
-def run(bootstrap: str, redis_url: str, impressions: int, workdir: Path, counters: bool) -> None:
-    senv = StreamEnv(bootstrap, redis_url, workdir, extra={"MTL_COUNTERS": str(counters).lower()})
-    log = simulated_log(impressions, seed=1)
-    closing = closing_impressions(senv.partitions, horizon(log, JoinConfig()))
-    events = produce(senv, log + closing)
-    logger.info("backlog: %s events, %s impressions", events, impressions)
-
-    base_s = passthrough(senv, impressions)
-    null_eps = faust_null(senv, events)
+def time_worker(senv: StreamEnv, impressions: int) -> tuple[int, float]:
+    """Start one worker on a produced backlog; return (samples, seconds to the last one)."""
     worker = WorkerProc(senv)
     worker.wait_ready()  # timed from here: the whole backlog is still unread
     n, join_s = count_samples(senv, impressions, timeout_s=600, start=time.perf_counter())
@@ -128,19 +123,52 @@ def run(bootstrap: str, redis_url: str, impressions: int, workdir: Path, counter
     for line in worker.text().splitlines():
         if "stream events=" in line:
             logger.info("worker: %s", line.split("INFO] ")[-1][:160])
+    return n, join_s
+
+
+def run(
+    bootstrap: str,
+    redis_url: str,
+    impressions: int,
+    workdir: Path,
+    counters: bool,
+    engines: list[str],
+) -> None:
+    log = simulated_log(impressions, seed=1)
+    closing = closing_impressions(StreamEnv.partitions, horizon(log, JoinConfig()))
+
+    def backlog(engine: str) -> StreamEnv:
+        extra = {"MTL_COUNTERS": str(counters).lower(), "MTL_STREAM_ENGINE": engine}
+        senv = StreamEnv(bootstrap, redis_url, workdir / engine, extra=extra)
+        senv.workdir.mkdir(parents=True, exist_ok=True)
+        produce(senv, log + closing)
+        return senv
+
+    events = len(log) + len(closing)
+    logger.info("backlog: %s events, %s impressions", events, impressions)
+    senvs = {engine: backlog(engine) for engine in engines}
+    first = next(iter(senvs.values()))
+    base_s = passthrough(first, impressions)
+    null_eps = faust_null(first, events)
     rows = [
         ("baseline passthrough (kafka-python)", impressions / base_s, base_s),
         ("baseline faust agent, count only (ev)", null_eps, events / null_eps),
-        ("stream worker, joined samples", n / join_s if join_s else 0.0, join_s),
-        ("stream worker, input events", events / join_s if join_s else 0.0, join_s),
     ]
+    for engine, senv in senvs.items():
+        n, join_s = time_worker(senv, impressions)
+        if n < impressions:
+            logger.warning("%s: only %s of %s samples within the timeout", engine, n, impressions)
+        rate = n / join_s if join_s else 0.0
+        rows.append((f"worker ({engine}), joined samples", rate, join_s))
+        rows.append(
+            (f"worker ({engine}), input events", events / join_s if join_s else 0.0, join_s)
+        )
     print(f"\n{'path':<40} {'per s':>10} {'seconds':>9}")
     for name, rate, secs in rows:
         print(f"{name:<40} {rate:>10,.0f} {secs:>9.2f}")
-    print(
-        f"samples emitted: {n} of {impressions}; ratios: samples/passthrough "
-        f"{rows[2][1] / rows[0][1]:.2f}, worker events/faust count-only {rows[3][1] / null_eps:.2f}"
-    )
+    for name, rate, _ in rows[2::2]:
+        ratios = f"{rate / rows[0][1]:.2f} x passthrough, {rate / null_eps:.2f} x faust count-only"
+        print(f"{name}: {ratios}")
 
 
 def main() -> None:
@@ -149,13 +177,22 @@ def main() -> None:
     parser.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
     parser.add_argument("--no-counters", action="store_true", help="live item counters off")
+    parser.add_argument("--engines", default="faust,direct", help="comma-separated, run in order")
     args = parser.parse_args()
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         if args.bootstrap and args.redis_url:
-            run(args.bootstrap, args.redis_url, args.impressions, workdir, not args.no_counters)
+            run(
+                args.bootstrap,
+                args.redis_url,
+                args.impressions,
+                workdir,
+                not args.no_counters,
+                engines,
+            )
             return
         settings = services.ServicesSettings(
             data_dir=workdir / "services",
@@ -171,6 +208,7 @@ def main() -> None:
                 args.impressions,
                 workdir,
                 not args.no_counters,
+                engines,
             )
         finally:
             services.down(settings)

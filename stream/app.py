@@ -16,7 +16,7 @@ from typing import Any, cast
 import faust
 import redis.asyncio
 
-from feature_store.counters import AsyncItemCounterWriter, CounterEvent
+from feature_store.counters import AsyncItemCounterWriter, CounterEvent, counter_client
 from feature_store.keys import KeySpace
 from mtlstream.settings import from_env
 from stream.output import BatchOutput, ChangelogTable, OutputSettings, OutputSink
@@ -137,6 +137,12 @@ async def join(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
                 _handle(event, now_ms)
             # durable before faust acks this batch's input (it does when we ask for the next)
             await output.flush()
+            held = worker.held_partitions()
+            for partition in held:  # their samples are acknowledged: write the states too
+                table.partition = partition
+                worker.confirm(partition, table)
+            if held:
+                await output.flush()
             if sink.counters:
                 batch, sink.counters = sink.counters, []
                 await counter_events.send(value=batch)
@@ -148,7 +154,7 @@ async def join(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
 @app.agent(counter_events)
 async def write_counters(stream: faust.StreamT[Any]) -> AsyncIterator[None]:
     """Write live item counters to Redis in batches."""
-    client = redis.asyncio.Redis.from_url(settings.redis_url)
+    client = counter_client(settings.redis_url, timeout_s=2.0)
     writer = AsyncItemCounterWriter(client, namespace=settings.namespace)
     try:
         async for lists in stream.take(settings.counter_batch, within=settings.counter_within_s):

@@ -44,20 +44,30 @@ def check_health(settings: StreamSettings) -> bool:
 
 def main(args: argparse.Namespace) -> int:
     """Start the faust worker until SIGTERM / Ctrl-C (or, with --check, report its health)."""
+    settings = from_env(StreamSettings)
     if args.check:
-        return 0 if check_health(from_env(StreamSettings)) else 1
-    from faust.worker import Worker
-
-    from stream.app import app, settings
+        return 0 if check_health(settings) else 1
+    if settings.engine not in ("faust", "direct"):
+        logger.error("MTL_STREAM_ENGINE must be faust or direct, got %r", settings.engine)
+        return 2
     from stream.topics import ensure_topics
 
     logger.info(
-        "stream worker app_id=%s kafka=%s partitions=%s mode=%s",
+        "stream worker app_id=%s kafka=%s partitions=%s mode=%s engine=%s",
         settings.app_id,
         settings.kafka_bootstrap,
         settings.partitions,
         settings.mode,
+        settings.engine,
     )
     ensure_topics(settings)
+    if settings.engine == "direct":
+        from stream.direct import run
+
+        return run(settings)
+    from faust.worker import Worker
+
+    from stream.app import app
+
     Worker(app, loglevel=args.loglevel, quiet=True).execute_from_commandline()
     return 0  # pragma: no cover - execute_from_commandline exits itself

@@ -68,6 +68,8 @@ class StreamSettings:
     # the status line is also written to Redis under the health key with this TTL
     health_ttl_s: int = env_field(30, "MTL_STREAM_HEALTH_TTL_S", "health key TTL (s)")
     data_dir: str = env_field(".mtlstream/stream", "MTL_STREAM_DATA_DIR", "faust data dir")
+    # faust: the faust app's agent; direct: a batch consumer driving the same join (faster)
+    engine: str = env_field("faust", "MTL_STREAM_ENGINE", "faust | direct")
 
     def join_config(self) -> JoinConfig:
         """The pure join's configuration."""
@@ -105,6 +107,11 @@ class StreamSettings:
     def health_process(self) -> str:
         """Process name in the health key ``{namespace}health:stream-{app_id}``."""
         return f"stream-{self.app_id}"
+
+    @property
+    def changelog_topic(self) -> str:
+        """Compacted topic of the join state (faust's name for the ``join_state`` Table)."""
+        return f"{self.app_id}-join_state-changelog"
 
     @property
     def ticks_topic(self) -> str:

@@ -25,7 +25,7 @@ def partition_for(key: bytes, partitions: int) -> int:
 
 
 def ensure_topics(settings: StreamSettings) -> list[str]:
-    """Create the input, tick, samples and dead-letter topics that do not exist yet.
+    """Create the input, tick, samples, dead-letter and changelog topics that do not exist yet.
 
     Existing topics are left alone; one with a partition count other than the configured one
     is reported, since co-partitioning needs all inputs to agree.
@@ -35,13 +35,20 @@ def ensure_topics(settings: StreamSettings) -> list[str]:
     from kafka.errors import TopicAlreadyExistsError
 
     names = [*settings.input_topics, settings.ticks_topic]
-    names += [settings.samples_topic, settings.dead_letters_topic]
+    names += [settings.samples_topic, settings.dead_letters_topic, settings.changelog_topic]
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="mtl-topics")
     try:
         existing = set(admin.list_topics())
         missing = [n for n in names if n not in existing]
         if missing:
             new = [NewTopic(n, settings.partitions, 1) for n in missing]
+            if settings.changelog_topic in missing:
+                new[missing.index(settings.changelog_topic)] = NewTopic(
+                    settings.changelog_topic,
+                    settings.partitions,
+                    1,
+                    topic_configs={"cleanup.policy": "compact"},
+                )
             try:
                 admin.create_topics(new)
                 logger.info("created topics %s with %s partitions", missing, settings.partitions)

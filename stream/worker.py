@@ -1,13 +1,17 @@
-"""The join worker's record handling, independent of faust: decode, watermark, join, emit.
+"""The join worker's record handling, independent of the engine: decode, watermark, join, emit.
 
-:class:`JoinWorker` is driven by the faust agent (``stream/agents.py``) one record at a time and
-talks to the outside through a :class:`Sink` and a table (any ``MutableMapping[bytes, bytes]``;
-in production the faust Table whose changelog makes it durable). Tests drive it with a dict.
+:class:`JoinWorker` is driven one record at a time by an engine (the faust agent in
+``stream/app.py`` or the batch consumer in ``stream/direct.py``) and talks to the outside
+through a :class:`Sink` and a table (any ``MutableMapping[bytes, bytes]``; in production a
+:class:`stream.output.ChangelogTable` whose changelog makes it durable). Tests drive it with a dict.
 
 Durability: a key's state that records an emitted sample is written to the table only once the
 sample is acknowledged by Kafka (until then it is *deferred* and served from memory). After a
 crash the table therefore never claims a sample that Kafka lost: the older state is recovered,
 its deadline is already due, and the sample is emitted again with the same ``sample_id``.
+The engines flush the output, then :meth:`JoinWorker.confirm` the held states and flush again,
+and only then let the input offsets be committed, so a committed offset never stands for a
+state the changelog lacks.
 """
 
 from __future__ import annotations
@@ -146,6 +150,20 @@ class JoinWorker:
         self._ensure_partition(partition, table, now_ms)
         watermark = self.tracker.watermark(partition, now_ms)
         self._expire(partition, watermark, table, sink, now_ms)
+
+    def confirm(self, partition: int, table: Table) -> None:
+        """Write the partition's held-back states whose samples are acknowledged.
+
+        Call it after the output is flushed and before the input offsets are committed: a
+        committed offset then never stands for a state change the changelog lacks (otherwise a
+        restart would rebuild the key from an older state and lose the committed events).
+        """
+        if partition in self._deferred:
+            self._confirm(partition, table)
+
+    def held_partitions(self) -> list[int]:
+        """Partitions with states held back until their samples are acknowledged."""
+        return [p for p, held in self._deferred.items() if held]
 
     def revoke(self, partitions: set[int]) -> None:
         """Forget partitions that a rebalance took away (their new owner rebuilds them)."""

@@ -1,4 +1,4 @@
-"""The faust join worker against the real broker: labels equal the batch reference join."""
+"""The join worker against the real broker, with each engine: labels equal the reference join."""
 
 from __future__ import annotations
 
@@ -39,12 +39,13 @@ CONFIG = JoinConfig()  # the worker's defaults: 30 min windows, 60 s lateness, f
 Spawn = Callable[..., WorkerProc]
 
 
-@pytest.fixture
-def spawn() -> Iterator[Spawn]:
-    """Start stream workers; any still running after the test are killed."""
+@pytest.fixture(params=["faust", "direct"])
+def spawn(request: pytest.FixtureRequest) -> Iterator[Spawn]:
+    """Start stream workers of one engine (every test runs with each); killed after the test."""
     started: list[WorkerProc] = []
 
     def start(senv: StreamEnv, name: str = "worker") -> WorkerProc:
+        senv.extra.setdefault("MTL_STREAM_ENGINE", request.param)
         proc = WorkerProc(senv, name)
         started.append(proc)
         return proc
