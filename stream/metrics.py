@@ -1,41 +1,85 @@
 """Operator-facing counters of the stream worker: Prometheus metrics plus a status line.
 
-Every count goes to a Prometheus metric (scraped from ``MTL_STREAM_METRICS_PORT``) and to a plain
-tally that the periodic ``key=value`` log line and the tests read.
+Every count is a plain tally that the periodic ``key=value`` log line and the tests read; the
+Prometheus metrics (scraped from ``MTL_STREAM_METRICS_PORT``) are built from the tallies of the
+live :class:`StreamMetrics` at scrape time. Counting stays one dict increment per event: a
+Prometheus ``Counter.inc`` per event (a lock and a labelled-child lookup) cost ~4 % of the
+worker at 10k events/s.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections import Counter as Tally
-from functools import cache
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import REGISTRY
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 __all__ = ["StreamMetrics"]
 
-EVENTS_IN = Counter("mtl_stream_events_total", "Input records read", ["topic"])
-SAMPLES_OUT = Counter("mtl_stream_samples_total", "Samples emitted", ["kind"])
-DEAD_LETTERS = Counter("mtl_stream_dead_letters_total", "Records dead-lettered", ["reason"])
-ANOMALIES = Counter(
-    "mtl_stream_join_anomalies_total", "Late, duplicate, out-of-window, orphan events", ["name"]
-)
-REPARTITIONED = Counter("mtl_stream_repartitioned_total", "Records forwarded to their key")
-WATERMARK_LAG = Gauge(
-    "mtl_stream_watermark_lag_ms", "Wall clock minus watermark per partition", ["partition"]
-)
-OPEN_KEYS = Gauge("mtl_stream_open_keys", "Keys waiting for a deadline (all partitions)")
+# the workers' metrics objects (one per process in production; tests make many)
+_LIVE: weakref.WeakSet[StreamMetrics] = weakref.WeakSet()
 
 
-@cache
-def _child(metric: Any, label: str) -> Any:
-    """The labelled child of a metric, looked up once (``labels()`` costs microseconds)."""
-    return metric.labels(label)
+class _Collector(Collector):
+    """Prometheus metrics from the tallies of every live :class:`StreamMetrics`."""
+
+    def collect(self) -> Iterator[Any]:
+        live = list(_LIVE)
+        yield _counter("events", "Input records read", "topic", (m.events for m in live))
+        yield _counter("samples", "Samples emitted", "kind", (m.samples for m in live))
+        yield _counter(
+            "dead_letters", "Records dead-lettered", "reason", (m.dead_letters for m in live)
+        )
+        yield _counter(
+            "join_anomalies",
+            "Late, duplicate, out-of-window, orphan events",
+            "name",
+            (m.anomalies for m in live),
+        )
+        yield CounterMetricFamily(
+            "mtl_stream_repartitioned",
+            "Records forwarded to their key",
+            value=sum(m.repartitioned for m in live),
+        )
+        lag = GaugeMetricFamily(
+            "mtl_stream_watermark_lag_ms",
+            "Wall clock minus watermark per partition",
+            labels=["partition"],
+        )
+        lags: dict[int, int] = {}
+        for m in live:
+            for partition, ms in m.watermark_lag_ms.items():
+                lags[partition] = max(ms, lags.get(partition, ms))
+        for partition, ms in sorted(lags.items()):
+            lag.add_metric([str(partition)], ms)
+        yield lag
+        yield GaugeMetricFamily(
+            "mtl_stream_open_keys",
+            "Keys waiting for a deadline (all partitions)",
+            value=sum(m.open_key_count for m in live),
+        )
+
+
+def _counter(name: str, doc: str, label: str, tallies: Iterable[Tally[str]]) -> CounterMetricFamily:
+    total: Tally[str] = Tally()
+    for tally in tallies:
+        total.update(tally)
+    family = CounterMetricFamily(f"mtl_stream_{name}", doc, labels=[label])
+    for value, n in sorted(total.items()):
+        family.add_metric([value], n)
+    return family
+
+
+REGISTRY.register(_Collector())
 
 
 class StreamMetrics:
-    """Counts of one worker, mirrored into Prometheus."""
+    """Counts of one worker, exposed to Prometheus when scraped."""
 
     def __init__(self) -> None:
         self.events: Tally[str] = Tally()
@@ -44,42 +88,38 @@ class StreamMetrics:
         self.anomalies: Tally[str] = Tally()
         self.repartitioned = 0
         self.watermark_lag_ms: dict[int, int] = {}
+        self.open_key_count = 0
         self._last_log = time.monotonic()
         self._last_counts = (0, 0)
+        _LIVE.add(self)
 
     def event(self, topic: str) -> None:
         """One input record was read."""
         self.events[topic] += 1
-        _child(EVENTS_IN, topic).inc()
 
     def sample(self, kind: str) -> None:
         """One sample was emitted."""
         self.samples[kind] += 1
-        _child(SAMPLES_OUT, kind).inc()
 
     def dead_letter(self, reason: str) -> None:
         """One record went to dead letters."""
         self.dead_letters[reason] += 1
-        _child(DEAD_LETTERS, reason).inc()
 
     def anomaly(self, name: str, n: int = 1) -> None:
         """Count join anomalies (``late_click``, ``duplicate_follow``, ...)."""
         self.anomalies[name] += n
-        _child(ANOMALIES, name).inc(n)
 
     def repartition(self) -> None:
         """One record was forwarded to the partition of its impression id."""
         self.repartitioned += 1
-        REPARTITIONED.inc()
 
     def watermark(self, partition: int, lag_ms: int) -> None:
         """Record a partition's watermark lag behind the wall clock."""
         self.watermark_lag_ms[partition] = lag_ms
-        _child(WATERMARK_LAG, str(partition)).set(lag_ms)
 
     def open_keys(self, n: int) -> None:
         """Record how many keys wait for a deadline."""
-        OPEN_KEYS.set(n)
+        self.open_key_count = n
 
     def status_line(self) -> str:
         """One ``key=value`` line with totals and rates since the previous line."""

@@ -240,7 +240,13 @@ def test_early_mode_emits_provisional_then_corrections(
     assert _check(senv).returncode == 1  # no worker yet: no health key
     worker = spawn(senv)
     worker.wait_ready()
-    produce(senv, log + closing)
+    # as live traffic, in event-time order and in parts: read all at once, a batch engine would
+    # see every click before any early deadline passed, and correct nothing
+    parts = 8
+    for k in range(parts):
+        produce(senv, log[k * len(log) // parts : (k + 1) * len(log) // parts])
+        time.sleep(0.5)
+    produce(senv, closing)
     raw = consume_all(kafka_bootstrap, senv.topic("samples"), until=len(want.labels))
     metrics = httpx.get(f"http://127.0.0.1:{early['MTL_STREAM_METRICS_PORT']}/metrics").text
     check = _check(senv)
