@@ -5,9 +5,11 @@ redis-py's asyncio pipeline spends ~5-10 us of Python per command (command objec
 milliseconds, ten times what Redis needs to answer 501 HMGETs. :class:`RawPipeline` runs the same
 sans-IO flows as :func:`feature_store.store.arun_flow`, but packs a whole step into one buffer
 (commands of a step share their frame: ``HMGET <key> f1 f2 ...`` is packed once per step, not
-once per key) and lets hiredis parse every reply in C. benchmarks/serving.py measures it
-against redis-py's pipeline (``MTL_SERVE_READ_PATH=pipeline``). The stream workers write their
-live item counters through it too (:func:`feature_store.counters.counter_client`).
+once per key; a :class:`~feature_store.store.KeyedCommands` step is packed from its keys alone)
+and lets hiredis parse every reply in C (the replies of a step framed as one array, so one call
+returns them all). benchmarks/serving.py measures it against redis-py's pipeline
+(``MTL_SERVE_READ_PATH=pipeline``). The stream workers write their live item counters through it
+too (:func:`feature_store.counters.counter_client`).
 
 It is deliberately small: plain TCP or a unix socket (``redis://``, ``unix://``), optional AUTH and
 SELECT from the URL, RESP2, no TLS, no cluster, no retries. Each exchange runs under one timeout;
@@ -33,7 +35,8 @@ import contextlib
 import logging
 import socket
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from itertools import chain, repeat
+from typing import Any, TypeVar, cast
 
 import hiredis
 from redis.asyncio.connection import parse_url
@@ -44,6 +47,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from feature_store.store import (
     Command,
     Flow,
+    KeyedCommands,
     Step,
     merge_reloaded,
     plan_script_reload,
@@ -76,8 +80,11 @@ def pack_step(step: Sequence[Command]) -> bytes:
     """Pack commands as RESP arrays into one buffer.
 
     Consecutive commands that differ only in their key (``HMGET <key> f1 f2 ...``) reuse the
-    packed name and tail, so a step of 500 HMGETs costs one bytes formatting per key.
+    packed name and tail, so a step of 500 HMGETs costs one bytes formatting per key; a
+    :class:`~feature_store.store.KeyedCommands` is packed straight from its keys.
     """
+    if isinstance(step, KeyedCommands):
+        return _pack_keyed(step)
     out: list[bytes] = []
     last_name: object = None
     last_rest: Command | None = None
@@ -98,6 +105,26 @@ def pack_step(step: Sequence[Command]) -> bytes:
         else:
             out += (head, _arg(key), tail)
     return b"".join(out)
+
+
+# "$<length>\r\n" of every key shorter than 1 KiB, so a key's frame costs no formatting
+_BULK_HEADERS = [b"$%d\r\n" % size for size in range(1024)]
+
+
+def _pack_keyed(step: KeyedCommands) -> bytes:
+    """Pack ``(name, key, *args)`` for every key: the frames are joined in C, key by key."""
+    try:
+        keys = list(map(str.encode, step.keys))
+    except TypeError:  # a key that is not a str: the general packer (and its error, if any)
+        return pack_step(list(step))
+    head = b"*%d\r\n" % (2 + len(step.args)) + _arg(step.name)
+    tail = b"\r\n" + b"".join(map(_arg, step.args))  # ends the key, then the arguments
+    try:
+        headers = list(map(_BULK_HEADERS.__getitem__, map(len, keys)))
+    except IndexError:  # a key of 1 KiB or more
+        headers = [b"$%d\r\n" % len(key) for key in keys]
+    # per key: head, "$<length>\r\n", key, "\r\n" + arguments
+    return b"".join(chain.from_iterable(zip(repeat(head), headers, keys, repeat(tail))))
 
 
 def reply_error(message: str) -> ResponseError:
@@ -129,18 +156,19 @@ class _Conn:
 
     async def exchange(self, payload: bytes, n_replies: int) -> list[Any]:
         self.errors = 0
+        if n_replies < 1:
+            return []
         self.writer.write(payload)
-        replies: list[Any] = []
-        while len(replies) < n_replies:
+        # framed as one RESP array, the step's replies come out of one gets() call, built in C
+        self.parser.feed(b"*%d\r\n" % n_replies)
+        while True:
             chunk = await self.reader.read(_READ_SIZE)
             if not chunk:
                 raise RedisConnectionError("Redis closed the connection")
             self.parser.feed(chunk)
-            reply = self.parser.gets()
-            while reply is not False:
-                replies.append(reply)
-                reply = self.parser.gets()
-        return replies
+            replies = self.parser.gets()
+            if replies is not False:
+                return cast(list[Any], replies)
 
     def close(self) -> None:
         self.writer.close()
@@ -189,7 +217,7 @@ class RawPipeline:
         if step:
             raise_first_error(await conn.exchange(pack_step(step), len(step)))
 
-    async def execute(self, step: Step) -> list[Any]:
+    async def execute(self, step: Sequence[Command]) -> list[Any]:
         """Send a step in one round trip and return its replies (raising the first error).
 
         Only a NOSCRIPT reply costs more: one more round trip loads the scripts and re-sends the
@@ -208,7 +236,7 @@ class RawPipeline:
         raise_first_error(retried[: len(loads)])
         return merge_reloaded(replies, reload, retried[len(loads) :])
 
-    async def _exchange(self, step: Step) -> tuple[list[Any], int]:
+    async def _exchange(self, step: Sequence[Command]) -> tuple[list[Any], int]:
         """One round trip on a pooled connection: the replies (errors as exceptions), and how
         many error replies there were."""
         conn: _Conn | None = None

@@ -11,12 +11,14 @@ steps (lists of Redis commands, each step one pipelined round trip) and receives
 ``redis.asyncio.Redis``. The sync and async classes are a line per method on top of the same
 flows, so reads and writes behave identically in the loaders (sync) and the scorer (async).
 
-The scorer's hot path, :func:`read_fields_flow`, reads only the fields its model uses: one HMGET
-per entity, all in one step. The stored values are JSON text already, so the whole step is
-decoded with one ``orjson.loads`` of the values joined into a JSON array instead of one parse per
-value; a value that is not JSON (typed by hand in redis-cli) sends the step down
-:func:`decode_value`, value by value. :class:`feature_store.pipe.RawPipeline` runs such a step
-faster than redis-py.
+The scorer's hot path, :func:`read_columns_flow`, reads only the fields its model uses: one HMGET
+per entity, all in one step (a :class:`KeyedCommands`, which the raw runner packs without building
+500 commands), and hands back each field's values for all candidates as one column
+(:class:`FieldColumns`), the form the scorer encodes. :func:`read_fields_flow` reads the same as
+rows (:class:`FieldRows`). The stored values are JSON text already, so a column is decoded with
+one ``orjson.loads`` of its values joined into a JSON array instead of one parse per value; a value
+that is not JSON (typed by hand in redis-cli) sends its column down :func:`decode_value`, value by
+value. :class:`feature_store.pipe.RawPipeline` runs such a step faster than redis-py.
 
 Examples
 --------
@@ -33,9 +35,10 @@ import hashlib
 import logging
 import math
 import numbers
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeAlias, TypeVar, cast
+from functools import cached_property
+from typing import Any, NamedTuple, TypeAlias, TypeVar, cast, overload
 
 import orjson
 import redis
@@ -54,8 +57,10 @@ __all__ = [
     "FeatureStore",
     "FeatureValue",
     "FeatureWrite",
+    "FieldColumns",
     "FieldRows",
     "Flow",
+    "KeyedCommands",
     "LuaScript",
     "RawHash",
     "RequestRows",
@@ -67,6 +72,7 @@ __all__ = [
     "check_feature_name",
     "check_ts",
     "check_ttl",
+    "columns_from_replies",
     "decode_row",
     "decode_value",
     "decode_values",
@@ -78,6 +84,7 @@ __all__ = [
     "merge_reloaded",
     "plan_script_reload",
     "raise_first_error",
+    "read_columns_flow",
     "read_fields_flow",
     "read_flow",
     "read_request_flow",
@@ -97,8 +104,9 @@ FeatureValue: TypeAlias = bool | int | float | str
 Command: TypeAlias = tuple[Any, ...]
 #: Commands sent together in one pipelined round trip; the reply is one result per command.
 Step: TypeAlias = list[Command]
-#: A sans-IO operation: yields steps, receives their replies, returns its result.
-Flow: TypeAlias = Generator[Step, list[Any], T]
+#: A sans-IO operation: yields steps, receives their replies, returns its result. A flow may yield
+#: any sequence of commands: a :data:`Step`, or a :class:`KeyedCommands`.
+Flow: TypeAlias = Generator[Sequence[Command], list[Any], T]
 #: An HGETALL reply: bytes or str names and values, as the client's decode_responses has it.
 RawHash: TypeAlias = Mapping[Any, bytes | str]
 
@@ -146,6 +154,47 @@ return 1
 """
 )
 
+
+class KeyedCommands(Sequence[Command]):
+    """A step of one command sent for many keys: ``(name, key, *args)`` for each key, in order.
+
+    Every runner sends it as that list of commands; :func:`feature_store.pipe.pack_step` packs it
+    straight from the keys, without building the commands (the scorer's 501 HMGETs a request).
+
+    Examples
+    --------
+    >>> step = KeyedCommands("HMGET", ["k1", "k2"], ("a", "b"))
+    >>> len(step), step[1], list(step) == [("HMGET", "k1", "a", "b"), ("HMGET", "k2", "a", "b")]
+    (2, ('HMGET', 'k2', 'a', 'b'), True)
+    """
+
+    def __init__(self, name: str, keys: Sequence[str], args: Sequence[Any] = ()) -> None:
+        self.name = name
+        self.keys = keys
+        self.args = tuple(args)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @overload
+    def __getitem__(self, index: int) -> Command: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Command]: ...
+
+    def __getitem__(self, index: int | slice) -> Command | list[Command]:
+        if isinstance(index, slice):
+            return [(self.name, key, *self.args) for key in self.keys[index]]
+        return (self.name, self.keys[index], *self.args)
+
+    def __iter__(self) -> Iterator[Command]:
+        name, args = self.name, self.args
+        return ((name, key, *args) for key in self.keys)
+
+    def __repr__(self) -> str:
+        return f"KeyedCommands({self.name!r}, <{len(self.keys)} keys>, {self.args!r})"
+
+
 # --- runners: the only code that talks to Redis -------------------------------------------------
 
 
@@ -157,7 +206,7 @@ class ScriptReload(NamedTuple):
     step: Step
 
 
-def plan_script_reload(step: Step, results: list[Any]) -> ScriptReload | None:
+def plan_script_reload(step: Sequence[Command], results: list[Any]) -> ScriptReload | None:
     """Plan the repair of a step whose EVALSHA commands got NOSCRIPT, or ``None`` if none did.
 
     ``results`` holds the step's replies with error replies as exception instances; a NOSCRIPT
@@ -186,7 +235,7 @@ def raise_first_error(results: list[Any]) -> list[Any]:
     return results
 
 
-def _send(client: redis.Redis, step: Step) -> list[Any]:
+def _send(client: redis.Redis, step: Sequence[Command]) -> list[Any]:
     with client.pipeline(transaction=False) as pipe:
         # redis-py leaves the sync Pipeline.execute_command untyped; it only queues the command
         queue: Callable[..., object] = pipe.execute_command
@@ -195,14 +244,14 @@ def _send(client: redis.Redis, step: Step) -> list[Any]:
         return pipe.execute(raise_on_error=False)
 
 
-async def _asend(client: redis.asyncio.Redis, step: Step) -> list[Any]:
+async def _asend(client: redis.asyncio.Redis, step: Sequence[Command]) -> list[Any]:
     async with client.pipeline(transaction=False) as pipe:
         for command in step:
             pipe.execute_command(*command)
         return await pipe.execute(raise_on_error=False)
 
 
-def execute_step(client: redis.Redis, step: Step) -> list[Any]:
+def execute_step(client: redis.Redis, step: Sequence[Command]) -> list[Any]:
     """Send one step in one pipelined round trip and return its replies (first error raised).
 
     Only a NOSCRIPT reply costs more: the script is loaded and the failed commands re-sent.
@@ -218,7 +267,7 @@ def execute_step(client: redis.Redis, step: Step) -> list[Any]:
     return merge_reloaded(results, reload, _send(client, reload.step))
 
 
-async def aexecute_step(client: redis.asyncio.Redis, step: Step) -> list[Any]:
+async def aexecute_step(client: redis.asyncio.Redis, step: Sequence[Command]) -> list[Any]:
     """Async :func:`execute_step`."""
     if not step:
         return []
@@ -414,6 +463,62 @@ class FieldRows(NamedTuple):
     items: list[list[FeatureValue | None] | None]
 
 
+@dataclass(frozen=True)
+class FieldColumns:
+    """Selected fields of a user and its candidates, the candidates' values one list per field.
+
+    The scorer's form of :class:`FieldRows` (:func:`read_columns_flow`): its encoder takes a
+    field's values for every candidate at once. ``user`` is as in FieldRows; ``columns[j][i]`` is
+    candidate ``i``'s value of ``fields[j]`` (``None``: absent); ``size`` counts the candidates and
+    ``unknown`` those with none of the fields stored. :attr:`items` gives FieldRows' rows.
+
+    Examples
+    --------
+    >>> found = FieldColumns(("seg", "price"), None, (["s1", None], [2.5, None]), 2, 1)
+    >>> found.items
+    [['s1', 2.5], None]
+    >>> FieldColumns.from_rows(found.rows()) == found
+    True
+    """
+
+    fields: tuple[str, ...]
+    user: list[FeatureValue | None] | None
+    columns: tuple[list[FeatureValue | None], ...]
+    size: int
+    unknown: int
+
+    def __post_init__(self) -> None:
+        if len(self.columns) != len(self.fields):
+            raise ValueError(f"{len(self.columns)} columns for {len(self.fields)} fields")
+        if any(len(column) != self.size for column in self.columns):
+            raise ValueError(f"every column must hold {self.size} values")
+
+    @classmethod
+    def from_rows(cls, found: FieldRows) -> FieldColumns:
+        """The columns of rows (the reads that get whole hashes, the item cache)."""
+        absent = [None] * len(found.fields)
+        rows = [absent if row is None else row for row in found.items]
+        if rows and found.fields:
+            columns = tuple(map(list, zip(*rows, strict=True)))
+        else:
+            columns = tuple([None] * len(rows) for _ in found.fields)
+        return cls(found.fields, found.user, columns, len(rows), found.items.count(None))
+
+    @cached_property
+    def items(self) -> list[list[FeatureValue | None] | None]:
+        """The candidates' rows as in :class:`FieldRows`, built on first use (the impression
+        log's, off the request path)."""
+        if not self.columns:
+            return [None] * self.size
+        absent = (None,) * len(self.columns)
+        rows = zip(*self.columns, strict=True)
+        return [None if row == absent else list(row) for row in rows]
+
+    def rows(self) -> FieldRows:
+        """The same values as :class:`FieldRows`."""
+        return FieldRows(self.fields, self.user, self.items)
+
+
 _SCALAR_TYPES = frozenset({bool, int, float, str, type(None)})
 
 
@@ -446,12 +551,15 @@ def surely_valid_parts(values: Sequence[object], max_bytes: int) -> bool:
     >>> surely_valid_parts(["i1", "i2"], 256), surely_valid_parts(["i1", "a:b"], 256)
     (True, False)
     """
-    if not values or not all(type(v) is str for v in values):
+    if not values:
         return False
     strs = cast(Sequence[str], values)
-    joined = "".join(strs)
+    try:
+        joined = "".join(strs)
+    except TypeError:  # not all strs
+        return False
     return (
-        min(map(len, strs)) > 0
+        "" not in strs
         and max(map(len, strs)) * 4 <= max_bytes
         and joined.isprintable()
         and _FORBIDDEN_IN_KEYS.search(joined) is None
@@ -475,6 +583,13 @@ def feature_keys(keys: KeySpace, entity: Entity, ids: Sequence[str]) -> list[str
     return [keys.features(entity, i) for i in ids]
 
 
+def _field_names(fields: Sequence[str]) -> tuple[str, ...]:
+    names = tuple(check_feature_name(f) for f in fields)
+    if not names:
+        raise ValueError("a fields read needs at least one field")
+    return names
+
+
 def read_fields_flow(
     keys: KeySpace, user_id: str, item_ids: Sequence[str], fields: Sequence[str]
 ) -> Flow[FieldRows]:
@@ -483,9 +598,7 @@ def read_fields_flow(
     Values decode as :func:`decode_value` would; the common case (every value JSON text, as the
     writers store them) costs one ``orjson.loads`` for the whole request.
     """
-    names = tuple(check_feature_name(f) for f in fields)
-    if not names:
-        raise ValueError("read_fields_flow needs at least one field")
+    names = _field_names(fields)
     step: Step = [("HMGET", keys.user_features(user_id), *names)]
     step += [("HMGET", key, *names) for key in feature_keys(keys, "item", item_ids)]
     replies = yield step
@@ -494,31 +607,90 @@ def read_fields_flow(
     return FieldRows(names, rows[0], rows[1:])
 
 
+def read_columns_flow(
+    keys: KeySpace, user_id: str, item_ids: Sequence[str], fields: Sequence[str]
+) -> Flow[FieldColumns]:
+    """Read what :func:`read_fields_flow` reads, as columns (:class:`FieldColumns`).
+
+    The same HMGETs, sent as one :class:`KeyedCommands`; each column is decoded on its own
+    (:func:`columns_from_replies`), so a value typed by hand slows down its column only.
+    """
+    names = _field_names(fields)
+    item_keys = feature_keys(keys, "item", item_ids)
+    replies = yield KeyedCommands("HMGET", [keys.user_features(user_id), *item_keys], names)
+    return columns_from_replies(names, replies)
+
+
+def columns_from_replies(fields: tuple[str, ...], replies: Sequence[Any]) -> FieldColumns:
+    """Decode the HMGET replies of the user, then of each candidate, into :class:`FieldColumns`.
+
+    Examples
+    --------
+    >>> replies = [[b'"s1"', None], [None, b"2.5"], [None, None]]
+    >>> found = columns_from_replies(("seg", "price"), replies)
+    >>> found.user, found.columns, found.unknown
+    (['s1', None], ([None, None], [2.5, None]), 1)
+    """
+    width = len(fields)
+    user = decode_values(replies[0])
+    items = replies[1:]
+    if items:
+        # zip(*) turns 500 replies into `width` columns in C
+        columns = tuple(decode_values(column) for column in zip(*items, strict=True))
+    else:
+        columns = tuple([] for _ in fields)
+    unknown = items.count([None] * width)  # hiredis and redis-py answer HMGET with a list
+    return FieldColumns(
+        fields, user if user.count(None) < width else None, columns, len(items), unknown
+    )
+
+
+_NULL = b"null"
+
+
 def decode_values(raw: Sequence[bytes | str | None]) -> list[FeatureValue | None]:
     """Decode many stored values (``None`` = absent) at once, as :func:`decode_value` would.
+
+    One ``orjson.loads`` of the values joined into an array, unless a value spoils it (not JSON,
+    a JSON list/object or null, a comma inside): then value by value.
 
     Examples
     --------
     >>> decode_values([b"1.5", None, b'"c7"', b"typed-by-hand"])
     [1.5, None, 'c7', 'typed-by-hand']
     """
+    absent = raw.count(None)
+    if absent == len(raw):  # a field no candidate has (a user feature, read for every item)
+        return [None] * absent
     try:
         # a str reply (a client with decode_responses) makes the join raise TypeError
-        parts: list[Any] = [b"null" if v is None else v for v in raw]
-        joined = b",".join(parts)
-        values: list[FeatureValue | None] | None = orjson.loads(b"[" + joined + b"]")
+        parts: list[Any] = [_NULL if v is None else v for v in raw]
+        body = b",".join(parts)
+        values: list[FeatureValue | None] = orjson.loads(b"[" + body + b"]")
     except (TypeError, orjson.JSONDecodeError):
-        values = None
-    # one odd value (not JSON, a JSON list/object, a stored "null") spoils the joined parse or
-    # its result: then decode value by value
-    if (
-        values is None
-        or len(values) != len(raw)
-        or not _SCALAR_TYPES.issuperset(map(type, values))
-        or values.count(None) != raw.count(None)
-    ):
+        return [None if v is None else decode_value(v) for v in raw]
+    if not _each_value_parsed_alone(body, values, len(raw), absent):
         return [None if v is None else decode_value(v) for v in raw]
     return values
+
+
+def _each_value_parsed_alone(body: bytes, values: list[Any], n: int, absent: int) -> bool:
+    """Whether the joined parse gave each value what :func:`decode_value` gives it alone.
+
+    A value that is not JSON by itself can still parse once joined (``"a`` and ``b"`` make one
+    string, ``1,2`` two numbers), so this is checked on the bytes: ``n`` elements are separated
+    by ``n - 1`` commas, and when the body holds no commas but the ``n - 1`` put between the
+    values, those are the separators, so each element is exactly one value. A value with a comma
+    inside (``"a,b"``) takes the slow path.
+    """
+    return (
+        len(values) == n
+        and body.count(b",") == n - 1
+        # only our placeholders decode to None (a stored JSON null stays text)
+        and body.count(_NULL) == absent
+        # scalars only: a JSON list or object stays text; no bracket at all means no container
+        and ((b"[" not in body and b"{" not in body) or _SCALAR_TYPES.issuperset(map(type, values)))
+    )
 
 
 def write_flow(

@@ -1,9 +1,11 @@
 """The scorer's feature reads: one Redis round trip per request, defaults while Redis is away.
 
-Reads run :func:`feature_store.store.read_fields_flow` (one HMGET per entity, one round trip)
-over :class:`feature_store.pipe.RawPipeline`. When a read fails the request is scored with
-default features (never a 5xx), Redis is marked down, and until a probe succeeds requests skip
-it instead of each waiting for a timeout. ``/health`` answers 503 meanwhile.
+Reads run :func:`feature_store.store.read_columns_flow` (one HMGET per entity, one round trip)
+over :class:`feature_store.pipe.RawPipeline` and give the values field by field
+(:class:`~feature_store.store.FieldColumns`), the form the scorer's encoder takes. When a read
+fails the request is scored with default features (never a 5xx), Redis is marked down, and until
+a probe succeeds requests skip it instead of each waiting for a timeout. ``/health`` answers 503
+meanwhile.
 
 Optionally (``MTL_SERVE_ITEM_CACHE_S`` > 0, off by default) item rows are kept for that many
 seconds in an :class:`ItemCache`: a request then reads the user and only the items not cached,
@@ -27,9 +29,10 @@ from feature_store.store import (
     AsyncFeatureStore,
     FeatureRow,
     FeatureValue,
+    FieldColumns,
     FieldRows,
     decode_row,
-    read_fields_flow,
+    read_columns_flow,
 )
 from serving.metrics import ServingMetrics
 
@@ -178,21 +181,22 @@ class FeatureReader:
 
     async def _read(
         self, user_id: str, item_ids: Sequence[str], fields: Sequence[str]
-    ) -> FieldRows:
+    ) -> FieldColumns:
         if self.pipe is not None and self.read_path == "raw":
-            return await self.pipe.run(read_fields_flow(self.store.keys, user_id, item_ids, fields))
+            flow = read_columns_flow(self.store.keys, user_id, item_ids, fields)
+            return await self.pipe.run(flow)
         if self.read_path == "pipeline":
             found = await self.store.read_request(user_id, item_ids)
-            return fields_of_rows(fields, found.user, found.items)
+            return FieldColumns.from_rows(fields_of_rows(fields, found.user, found.items))
         # the benchmark's naive baseline: one awaited round trip per key
         client, keys = self.store.client, self.store.keys
         user = decode_row(await client.hgetall(keys.user_features(user_id)))
         items = [decode_row(await client.hgetall(keys.item_features(i))) for i in item_ids]
-        return fields_of_rows(fields, user, items)
+        return FieldColumns.from_rows(fields_of_rows(fields, user, items))
 
     async def _read_through_cache(
         self, user_id: str, item_ids: Sequence[str], fields: tuple[str, ...]
-    ) -> FieldRows:
+    ) -> FieldColumns:
         if self.cache is None:
             return await self._read(user_id, item_ids, fields)
         rows, missing = self.cache.lookup(fields, item_ids)
@@ -201,14 +205,14 @@ class FeatureReader:
         if missing:
             fresh = dict(zip(missing, found.items, strict=True))
             rows = [fresh.get(i, row) for i, row in zip(item_ids, rows, strict=True)]
-        return FieldRows(found.fields, found.user, rows)
+        return FieldColumns.from_rows(FieldRows(found.fields, found.user, rows))
 
     async def read(
         self, user_id: str, item_ids: Sequence[str], fields: Sequence[str]
-    ) -> FieldRows | None:
+    ) -> FieldColumns | None:
         """Return the request's stored features, or None to score with defaults."""
         if not fields:
-            return FieldRows((), None, [None] * len(item_ids))
+            return FieldColumns((), None, (), len(item_ids), len(item_ids))
         if not self.health.up:
             self.metrics.default_features.inc()
             return None
@@ -220,7 +224,6 @@ class FeatureReader:
             return None
         if found.user is None:
             self.metrics.unknown.labels("user").inc()
-        missing = found.items.count(None)
-        if missing:
-            self.metrics.unknown.labels("item").inc(missing)
+        if found.unknown:
+            self.metrics.unknown.labels("item").inc(found.unknown)
         return found

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from feature_store.store import FieldRows
+from feature_store.store import FieldColumns, FieldRows
 from serving.metrics import ServingMetrics
 from serving.scorer import feature_rows
 
@@ -65,7 +65,7 @@ class ServedRequest:
     # what the model read: its fields, the candidates and Redis' answer (None: defaults)
     fields: Sequence[str]
     item_ids: Sequence[str]
-    found: FieldRows | None
+    found: FieldColumns | FieldRows | None
     # candidate indices served, best first: position p showed item_ids[order[p]]
     order: Sequence[int]
 

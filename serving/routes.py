@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from feature_store.pipe import RawPipeline
-from feature_store.store import FieldRows
+from feature_store.store import FieldColumns
 from serving.errors import RequestError
 from serving.features import FeatureReader, RedisHealth
 from serving.impressions import ImpressionLogger, ServedRequest
@@ -91,7 +91,7 @@ async def _body(request: Request, limits: RequestLimits) -> bytes:
 
 async def _score(
     state: ServingState, model: LoadedModel, req: RankRequest
-) -> tuple[ScoredBatch, FieldRows | None]:
+) -> tuple[ScoredBatch, FieldColumns | None]:
     """Features (one Redis round trip) -> model -> fusion; ``None`` features = defaults used."""
     boost = context_boost(req.context, req.candidates, state.settings.boost_field)
     if state.reader is None:

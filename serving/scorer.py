@@ -33,15 +33,22 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 from numpy.typing import NDArray
 
-from feature_store.store import FeatureValue, FieldRows
-from learner.features import EncodedBatch, FeatureSpec, dense_value, encode_rows, hash_bucket
+from feature_store.store import FeatureValue, FieldColumns, FieldRows
+from learner.features import (
+    MISSING_BUCKET,
+    EncodedBatch,
+    FeatureSpec,
+    dense_value,
+    encode_rows,
+    hash_bucket,
+)
 from serving.errors import IncompatibleSnapshotError, RequestError
 
 __all__ = [
@@ -121,8 +128,11 @@ class LoadedModel:
     fields: tuple[str, ...]
     # decoded snapshot metadata: model_args, step, metrics, created_at (epoch ms), ...
     meta: Mapping[str, Any] = field(default_factory=dict)
-    # per categorical field, str value -> bucket: ids repeat across requests (see encode_request)
-    buckets: dict[str, dict[str, int]] = field(default_factory=dict, repr=False, compare=False)
+    # per categorical field, str value (or None) -> bucket: ids repeat across requests (see
+    # encode_request)
+    buckets: dict[str, dict[str | None, int]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def created_at_ms(self) -> int | None:
@@ -151,7 +161,7 @@ class LoadedModel:
         self,
         user_id: str,
         item_ids: Sequence[str],
-        found: FieldRows | None,
+        found: FieldColumns | FieldRows | None,
         context: Mapping[str, Any],
         weights: Mapping[str, float],
         boost: NDArray[np.float64] | None = None,
@@ -279,14 +289,14 @@ def feature_rows(
     fields: Sequence[str],
     user_id: str,
     item_ids: Sequence[str],
-    found: FieldRows | None,
+    found: FieldColumns | FieldRows | None,
     context: Mapping[str, Any] | None = None,
 ) -> list[dict[str, FeatureValue]]:
     """Build one flat feature row per candidate, as the model (and the impression log) sees it.
 
     Precedence, lowest first: request context (only names in ``fields``), user hash, item
-    hash, then ``user_id`` / ``item_id`` from the request. ``found`` None (Redis unavailable)
-    leaves every stored feature at its default.
+    hash, then ``user_id`` / ``item_id`` from the request. ``found`` (rows or columns) None
+    (Redis unavailable) leaves every stored feature at its default.
 
     Examples
     --------
@@ -324,16 +334,20 @@ class _Columns:
         fields: Sequence[str],
         user_id: str,
         item_ids: Sequence[str],
-        found: FieldRows | None,
+        found: FieldColumns | FieldRows | None,
         context: Mapping[str, Any],
     ) -> None:
         if found is not None and found.fields != tuple(fields):
             raise ValueError(f"rows were read for fields {found.fields}, expected {tuple(fields)}")
+        if isinstance(found, FieldRows):
+            found = FieldColumns.from_rows(found)
+        if found is not None and found.size != len(item_ids):
+            raise ValueError(f"features were read for {found.size} candidates, not {len(item_ids)}")
         self.index = {name: j for j, name in enumerate(fields)}
         self.user_id = user_id
         self.item_ids = item_ids
         self.user = found.user if found is not None else None
-        self.items = found.items if found is not None else None
+        self.columns = found.columns if found is not None else None
         self.context = context
 
     def _shared(self, name: str, j: int) -> object:
@@ -353,9 +367,17 @@ class _Columns:
         if j is None:
             return None, None
         shared = self._shared(name, j)
-        if self.items is None:
+        if self.columns is None:
             return None, shared
-        return [shared if r is None or r[j] is None else r[j] for r in self.items], None
+        values = self.columns[j]  # the read's own list: copied only where the shared value fills in
+        if shared is None:  # absent stays absent
+            return values, None
+        absent = values.count(None)
+        if absent == len(values):  # no candidate has it (a user feature): all share
+            return None, shared
+        if absent:
+            return [shared if v is None else v for v in values], None
+        return values, None
 
 
 #: Values remembered per categorical field before the memo starts over (bounds its memory).
@@ -363,13 +385,30 @@ BUCKET_MEMO_SIZE = 1 << 17
 
 
 def _hash_column(
-    name: str, buckets: int, values: Sequence[object], memo: dict[str, int]
-) -> list[int]:
+    name: str, buckets: int, values: Sequence[object], memo: dict[str | None, int]
+) -> NDArray[np.int64] | list[int]:
+    """``hash_bucket`` of every value (B,), through the field's memo (str values and None)."""
     if len(memo) > BUCKET_MEMO_SIZE:
         memo.clear()
+    memo.setdefault(None, MISSING_BUCKET)
+    lookup = cast(Callable[[object], int], memo.__getitem__)
+    try:  # every value seen before (a warm scorer's ids and categories): one pass in C
+        return np.fromiter(map(lookup, values), np.int64, len(values))
+    except (KeyError, TypeError):
+        pass
+    try:
+        unseen = set(values).difference(memo)
+    except TypeError:  # an unhashable value (rows built by hand): hashed one by one below
+        unseen = {object()}
+    fresh = [value for value in unseen if isinstance(value, str)]
+    # str keys only: True, 1 and 1.0 are equal dict keys, so any other value is hashed each time
+    if len(fresh) == len(unseen):
+        for key in fresh:
+            memo[key] = hash_bucket(name, key, buckets)
+        return np.fromiter(map(lookup, values), np.int64, len(values))
     out = []
     for value in values:
-        if type(value) is str:  # str keys only: True, 1 and 1.0 are equal dict keys
+        if type(value) is str:
             bucket = memo.get(value)
             if bucket is None:
                 bucket = memo[value] = hash_bucket(name, value, buckets)
@@ -379,21 +418,37 @@ def _hash_column(
     return out
 
 
+#: Types numpy turns into float64 exactly as dense_value does (None -> NaN, int -> float(int)).
+_PLAIN_NUMBERS = frozenset({float, int, type(None)})
+
+
+def _dense_column(values: Sequence[object]) -> NDArray[np.float64]:
+    """``dense_value`` of every value (B,); plain numbers and None convert in C."""
+    if _PLAIN_NUMBERS.issuperset(map(type, values)):
+        try:
+            return np.array(values, dtype=np.float64)
+        except OverflowError:  # an int beyond float range: dense_value makes it NaN
+            pass
+    return np.array([v if type(v) is float else dense_value(v) for v in values], np.float64)
+
+
 def encode_request(
     spec: FeatureSpec,
     fields: Sequence[str],
     user_id: str,
     item_ids: Sequence[str],
-    found: FieldRows | None,
+    found: FieldColumns | FieldRows | None,
     context: Mapping[str, Any] | None = None,
-    memo: dict[str, dict[str, int]] | None = None,
+    memo: dict[str, dict[str | None, int]] | None = None,
 ) -> EncodedBatch:
     """Encode a request column by column: equal to ``encode_rows(spec, feature_rows(...))``.
 
-    The scorer's hot path: a value shared by every candidate (the user's, the context's) is
-    hashed once, no per-candidate dict is built, and string buckets are remembered in ``memo``
-    (per field; a served model keeps one across requests, since item ids repeat).
-    tests/unit/test_fusion.py checks the equality on random requests.
+    The scorer's hot path: it takes the read's columns as they are (:class:`FieldColumns`; rows
+    are turned into columns first), a value shared by every candidate (the user's, the context's)
+    is hashed once, no per-candidate dict is built, string buckets are remembered in ``memo`` (per
+    field; a served model keeps one across requests, since item ids repeat) and a column of plain
+    numbers goes to numpy in one call. tests/unit/test_fusion.py and
+    tests/unit/test_columnar_request.py check the equality on random requests.
     """
     memo = {} if memo is None else memo
     columns = _Columns(fields, user_id, item_ids, found, context or {})
@@ -412,7 +467,7 @@ def encode_request(
         if values is None:
             dense[:, k] = dense_value(shared)
         else:
-            dense[:, k] = [v if type(v) is float else dense_value(v) for v in values]
+            dense[:, k] = _dense_column(values)
     # as encode_rows: non-finite values and values beyond float32 become missing (NaN)
     bad = ~np.isfinite(dense)
     bad |= np.abs(np.where(bad, 0.0, dense)) > _FLOAT32_MAX

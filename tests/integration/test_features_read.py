@@ -20,9 +20,15 @@ from feature_store.store import (
     MERGE_NEWEST,
     AsyncFeatureStore,
     FeatureStore,
+    FieldColumns,
+    arun_flow,
     merge_command,
+    read_columns_flow,
     read_fields_flow,
+    run_flow,
 )
+from serving.features import FeatureReader, ItemCache, RedisHealth
+from serving.metrics import ServingMetrics
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -217,3 +223,68 @@ async def test_select_from_the_url_is_honoured(redis_url: str, redis_client: red
         await pipe.aclose()
         writer.delete("mtl-pipe-test")
         writer.close()
+
+
+async def test_columns_read_the_same_as_rows_over_every_runner(
+    store: FeatureStore,
+    pipe: RawPipeline,
+    redis_client: redis.Redis,
+    redis_url: str,
+    namespace: str,
+) -> None:
+    keys = KeySpace(namespace)
+    redis_client.hset(
+        keys.item_features("i1"),
+        mapping={"item_category": "typed by hand", "item_ctr_1h": "[1, 2]", "item_price": '"a'},
+    )
+    redis_client.hset(keys.item_features("i2"), mapping={"item_category": 'b"'})
+    items = ["i1", "i2", "missing", "i7", "i1"]
+    rows = await pipe.run(read_fields_flow(keys, "u1", items, FIELDS))
+    columns = await pipe.run(read_columns_flow(keys, "u1", items, FIELDS))
+    assert columns.rows() == rows
+    assert rows.items[0] == [None, "typed by hand", '"a', "[1, 2]"]
+    assert rows.items[1] == [None, 'b"', 3.0, None]
+    assert (columns.size, columns.unknown) == (5, 1)
+    assert run_flow(redis_client, read_columns_flow(keys, "u1", items, FIELDS)) == columns
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        assert await arun_flow(client, read_columns_flow(keys, "u1", items, FIELDS)) == columns
+    finally:
+        await client.aclose()
+
+
+async def test_the_reader_gives_the_same_columns_by_every_read_path(
+    store: FeatureStore, pipe: RawPipeline, redis_url: str, namespace: str
+) -> None:
+    items = [f"i{k}" for k in range(0, 30, 3)] + ["nope", "i3"]
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        answers = []
+        for path, cache in [("raw", None), ("pipeline", None), ("naive", None), ("raw", 60.0)]:
+            metrics = ServingMetrics()
+            health = RedisHealth(client, metrics)
+            assert await health.probe()
+            features = AsyncFeatureStore(client, namespace)
+            item_cache = None if cache is None else ItemCache(cache)
+            reader = FeatureReader(features, health, metrics, path, pipe, item_cache)
+            found = await reader.read("u1", items, FIELDS)
+            assert isinstance(found, FieldColumns)
+            answers.append(found)
+            if item_cache is not None:  # again, now from the cache
+                assert await reader.read("u1", items, FIELDS) == found
+            unknown = metrics.registry.get_sample_value(
+                "mtl_serve_unknown_entities_total", {"entity": "item"}
+            )
+            assert unknown == (1 if cache is None else 2)  # the cached read counts it again
+        assert all(answer == answers[0] for answer in answers)
+        refused = RawPipeline(f"redis://127.0.0.1:{free_port()}/0", timeout_s=1.0)
+        metrics = ServingMetrics()
+        health = RedisHealth(client, metrics)
+        assert await health.probe()
+        reader = FeatureReader(
+            AsyncFeatureStore(client, namespace), health, metrics, "raw", refused
+        )
+        assert await reader.read("u1", items, FIELDS) is None  # Redis away: defaults
+        assert not health.up
+    finally:
+        await client.aclose()

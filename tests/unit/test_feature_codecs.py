@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pickle
 import random
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,7 @@ from feature_store.registry import (
 from feature_store.store import (
     MERGE_NEWEST,
     FeatureRow,
+    Flow,
     decode_row,
     decode_value,
     encode_features,
@@ -272,7 +273,7 @@ def test_decode_buckets_reads_a_mapping_or_a_flat_list() -> None:
 
 def _counter_round_trips(
     hashes: list[Any],
-) -> tuple[dict[str, WindowTotals], list[tuple[Any, ...]]]:
+) -> tuple[dict[str, WindowTotals], Sequence[tuple[Any, ...]]]:
     """Drive counter_flow with canned replies; return its totals and its second step."""
     settings = CounterSettings(window_ms=180_000, bucket_ms=60_000)
     events = [("a", "impression", 200_000), ("a", "click", 201_000), ("b", "impression", 130_000)]
@@ -309,7 +310,7 @@ def test_counter_client_falls_back_to_redis_py_where_raw_cannot_go() -> None:
         counter_client("redis://127.0.0.1:6379/0", timeout_s=0)
 
 
-def _drive(flow: Generator[list[tuple[Any, ...]], list[Any], Any], replies: list[list[Any]]) -> Any:
+def _drive(flow: Flow[Any], replies: list[list[Any]]) -> Any:
     """Run a flow against canned replies, one list per step, without Redis."""
     step = next(flow)
     for reply in replies:

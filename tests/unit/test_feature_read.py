@@ -1,4 +1,4 @@
-"""The scorer's read path, pure parts: bulk key building, bulk decoding, RESP packing.
+"""The scorer's read path, pure parts: bulk key building, bulk decoding, RESP packing, columns.
 
 Each shortcut is checked against the plain per-item code it replaces (River's reference checks).
 """
@@ -14,6 +14,10 @@ from feature_store.errors import InvalidKeyPartError
 from feature_store.keys import KeySpace
 from feature_store.pipe import pack_step
 from feature_store.store import (
+    FieldColumns,
+    FieldRows,
+    KeyedCommands,
+    columns_from_replies,
     decode_value,
     decode_values,
     encode_value,
@@ -113,3 +117,114 @@ def test_pack_step_equals_redis_pys_packing() -> None:
 def test_pack_step_rejects_what_redis_cannot_take() -> None:
     with pytest.raises(TypeError):
         pack_step([("SET", "k", None)])
+
+
+def _redis_py_packing(step: Any) -> bytes:
+    import redis.connection
+
+    connection_class: Any = redis.connection.Connection  # redis-py leaves it untyped
+    connection = connection_class()
+    return b"".join(b"".join(connection.pack_command(*cmd)) for cmd in step)
+
+
+def test_keyed_commands_pack_like_the_commands_they_stand_for() -> None:
+    rng = random.Random(5)
+    alphabet = ["a", "7", "-", "é", "日", "\U0001f600", ":"]
+    for _ in range(100):
+        keys = [
+            "".join(rng.choices(alphabet, k=rng.randrange(0, 12))) for _ in range(rng.randrange(6))
+        ]
+        if rng.random() < 0.1:
+            keys.append("k" * rng.choice([1023, 1024, 3000]))  # past the table of bulk headers
+        args = tuple(rng.choice(["f1", "é", 3, 0.5, b"raw"]) for _ in range(rng.randrange(4)))
+        step = KeyedCommands("HMGET", keys, args)
+        commands = [("HMGET", key, *args) for key in keys]
+        assert list(step) == commands and len(step) == len(keys)
+        assert step[1:3] == commands[1:3]
+        assert pack_step(step) == pack_step(commands) == _redis_py_packing(commands)
+
+
+def test_keyed_commands_with_keys_that_are_not_str_pack_as_the_general_packer() -> None:
+    step = KeyedCommands("GET", ["k", b"bin\x00", 7])  # type: ignore[list-item]  # on purpose
+    assert pack_step(step) == pack_step(list(step)) == _redis_py_packing(step)
+    with pytest.raises(TypeError):
+        pack_step(KeyedCommands("GET", ["k", None]))  # type: ignore[list-item]  # on purpose
+
+
+# Stored values that are not JSON by themselves, some of which a joined parse would take for JSON
+# (`"a` and `b"` make one string, `1,2` two numbers), beside JSON values with the characters the
+# fast path looks for inside strings.
+NASTY: list[bytes | None] = [
+    None,
+    b'"a',
+    b'b"',
+    b"1,2",
+    b'"x",3',
+    b"",
+    b" ",
+    b"null",
+    b" null ",
+    b"[1, 2]",
+    b"[]",
+    b'{"a": 1}',
+    b"{}",
+    b"typed by hand",
+    b"1e400",
+    b"NaN",
+    b" 3 ",
+    b"18446744073709551616",
+    _stored("a,b"),
+    _stored("[x]"),
+    _stored("{y}"),
+    _stored("nullable"),
+    _stored('quote " and \\ backslash'),
+    _stored(-2.5),
+    _stored(7),
+    _stored(False),
+    _stored("c1"),
+]
+
+
+def test_decode_values_is_exact_even_where_a_joined_parse_is_fooled() -> None:
+    assert decode_values([b'"a', b'b"', b"1,2"]) == ['"a', 'b"', "1,2"]
+    assert decode_values([b'"a,b"', b"1"]) == ["a,b", 1]
+    assert decode_values([b"null", None]) == ["null", None]
+    rng = random.Random(11)
+    for _ in range(3000):
+        raw = [rng.choice(NASTY) for _ in range(rng.randrange(0, 8))]
+        expected = [None if v is None else decode_value(v) for v in raw]
+        assert decode_values(raw) == expected, raw
+        assert decode_values(tuple(raw)) == expected, raw
+
+
+def _rows_by_value(fields: tuple[str, ...], replies: list[list[Any]]) -> FieldRows:
+    """The reference: every value through decode_value, cut into rows."""
+    flat = [None if v is None else decode_value(v) for reply in replies for v in reply]
+    rows = rows_from_values(flat, len(fields))
+    return FieldRows(fields, rows[0], rows[1:])
+
+
+def test_columns_from_replies_hold_the_rows_decode_value_gives() -> None:
+    rng = random.Random(12)
+    for _ in range(300):
+        fields = tuple(f"f{j}" for j in range(rng.randrange(1, 5)))
+        replies = [
+            [rng.choice(NASTY) if rng.random() < 0.6 else None for _ in fields]
+            for _ in range(rng.randrange(1, 12))  # the user's reply, then the candidates'
+        ]
+        found = columns_from_replies(fields, replies)
+        expected = _rows_by_value(fields, replies)
+        assert found.rows() == expected
+        assert found.size == len(replies) - 1
+        assert found.unknown == expected.items.count(None)
+        assert FieldColumns.from_rows(expected) == found
+
+
+def test_field_columns_check_their_shape() -> None:
+    with pytest.raises(ValueError):
+        FieldColumns(("a", "b"), None, ([1],), 1, 0)
+    with pytest.raises(ValueError):
+        FieldColumns(("a",), None, ([1, 2],), 1, 0)
+    empty = FieldColumns((), None, (), 3, 3)
+    assert empty.items == [None, None, None]
+    assert FieldColumns.from_rows(FieldRows(("a",), None, [])).columns == ([],)
