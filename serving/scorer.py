@@ -60,6 +60,7 @@ __all__ = [
     "ScoredBatch",
     "check_fusion",
     "context_boost",
+    "encode_ids",
     "encode_request",
     "feature_rows",
     "fuse",
@@ -165,16 +166,22 @@ class LoadedModel:
         context: Mapping[str, Any],
         weights: Mapping[str, float],
         boost: NDArray[np.float64] | None = None,
+        ids: Mapping[str, NDArray[np.int64]] | None = None,
     ) -> ScoredBatch:
         """Score a request straight from what Redis returned (the HTTP path).
 
         Same result as ``score(feature_rows(self.fields, user_id, item_ids, found, context))``,
-        without building a dict per candidate (see :func:`encode_request`).
+        without building a dict per candidate (see :func:`encode_request`). ``ids`` are the
+        buckets of :meth:`encode_ids` when the caller computed them while Redis answered.
         """
         batch = encode_request(
-            self.spec, self.fields, user_id, item_ids, found, context, self.buckets
+            self.spec, self.fields, user_id, item_ids, found, context, self.buckets, ids
         )
         return _fused(self, batch, weights, boost)
+
+    def encode_ids(self, user_id: str, item_ids: Sequence[str]) -> dict[str, NDArray[np.int64]]:
+        """Buckets of the id features (B,), which come from the request, never from Redis."""
+        return encode_ids(self.spec, user_id, item_ids, self.buckets)
 
 
 def _fused(
@@ -440,6 +447,7 @@ def encode_request(
     found: FieldColumns | FieldRows | None,
     context: Mapping[str, Any] | None = None,
     memo: dict[str, dict[str | None, int]] | None = None,
+    ids: Mapping[str, NDArray[np.int64]] | None = None,
 ) -> EncodedBatch:
     """Encode a request column by column: equal to ``encode_rows(spec, feature_rows(...))``.
 
@@ -447,7 +455,8 @@ def encode_request(
     are turned into columns first), a value shared by every candidate (the user's, the context's)
     is hashed once, no per-candidate dict is built, string buckets are remembered in ``memo`` (per
     field; a served model keeps one across requests, since item ids repeat) and a column of plain
-    numbers goes to numpy in one call. tests/unit/test_fusion.py and
+    numbers goes to numpy in one call. ``ids``: the id features' columns from
+    :func:`encode_ids`, if already computed. tests/unit/test_fusion.py and
     tests/unit/test_columnar_request.py check the equality on random requests.
     """
     memo = {} if memo is None else memo
@@ -455,6 +464,9 @@ def encode_request(
     n = len(item_ids)
     cat = np.zeros((n, len(spec.categorical)), dtype=np.int64)  # (B, Fc)
     for k, cf in enumerate(spec.categorical):
+        if ids is not None and cf.name in ids:
+            cat[:, k] = ids[cf.name]
+            continue
         values, shared = columns.column(cf.name)
         if values is None:
             cat[:, k] = hash_bucket(cf.name, shared, cf.buckets)
@@ -473,6 +485,36 @@ def encode_request(
     bad |= np.abs(np.where(bad, 0.0, dense)) > _FLOAT32_MAX
     dense[bad] = np.nan
     return EncodedBatch(cat=cat, dense=dense.astype(np.float32))
+
+
+def encode_ids(
+    spec: FeatureSpec,
+    user_id: str,
+    item_ids: Sequence[str],
+    memo: dict[str, dict[str | None, int]] | None = None,
+) -> dict[str, NDArray[np.int64]]:
+    """The bucket columns (B,) of the spec's id features (:data:`ID_FEATURES`), as
+    :func:`encode_request` computes them: they need only the request, so the scorer computes them
+    while Redis answers the feature read.
+
+    Examples
+    --------
+    >>> from learner.features import default_feature_spec
+    >>> ids = encode_ids(default_feature_spec(), "u1", ["i1", "i2", "i1"])
+    >>> items = ids["item_id"].tolist()
+    >>> sorted(ids), items[0] == items[2], len(set(ids["user_id"].tolist()))
+    (['item_id', 'user_id'], True, 1)
+    """
+    memo = {} if memo is None else memo
+    n = len(item_ids)
+    out: dict[str, NDArray[np.int64]] = {}
+    for cf in spec.categorical:
+        if cf.name == "item_id":
+            column = _hash_column(cf.name, cf.buckets, item_ids, memo.setdefault(cf.name, {}))
+            out[cf.name] = np.asarray(column, dtype=np.int64)
+        elif cf.name == "user_id":
+            out[cf.name] = np.full(n, hash_bucket(cf.name, user_id, cf.buckets), dtype=np.int64)
+    return out
 
 
 def rank_items(

@@ -33,7 +33,7 @@ from serving import scorer
 from serving.features import FeatureReader, ItemCache, RedisHealth
 from serving.impressions import ServedRequest, impression_records
 from serving.metrics import ServingMetrics
-from serving.scorer import encode_request, feature_rows, read_fields_for
+from serving.scorer import encode_ids, encode_request, feature_rows, read_fields_for
 
 KEYS = KeySpace("t:")
 SPEC = default_feature_spec(id_buckets=1009, small_buckets=31)
@@ -93,6 +93,12 @@ def _assert_same_encoding(
     ref = encode_rows(spec, feature_rows(fields, user, ids, rows, context))
     assert np.array_equal(got.cat, ref.cat)
     assert np.array_equal(got.dense, ref.dense, equal_nan=True)
+    # the scorer's order: the id buckets first (while Redis answers), the rest after the read
+    early = encode_ids(spec, user, ids, memo)
+    assert set(early) == {f.name for f in spec.categorical} & {"user_id", "item_id"}
+    split = encode_request(spec, fields, user, ids, found, context, memo, early)
+    assert np.array_equal(split.cat, ref.cat)
+    assert np.array_equal(split.dense, ref.dense, equal_nan=True)
 
 
 def test_the_columnar_request_path_equals_the_rows_path() -> None:
