@@ -120,9 +120,10 @@ def time_worker(senv: StreamEnv, impressions: int) -> tuple[int, float]:
     worker.wait_ready()  # timed from here: the whole backlog is still unread
     n, join_s = count_samples(senv, impressions, timeout_s=600, start=time.perf_counter())
     worker.stop()
-    for line in worker.text().splitlines():
-        if "stream events=" in line:
-            logger.info("worker: %s", line.split("INFO] ")[-1][:160])
+    status = [line for line in worker.text().splitlines() if "stream events=" in line]
+    if status:  # the totals at shutdown: orphans, dead letters, late events
+        last = status[-1]
+        logger.info("worker's last status: %s", last[last.index("events=") :])
     return n, join_s
 
 

@@ -108,6 +108,9 @@ def test_rank_items_orders_by_score_ties_keep_request_order_and_top_k_cuts() -> 
     assert [i["item_id"] for i in items] == ["b", "d", "a", "c"]
     assert items[0]["tasks"] == {"ctr": pytest.approx(0.2), "ysl": 2.0}
     assert items[0]["score"] == 0.9
+    for i, item in zip(order, items, strict=True):  # every item its own row, tasks in order
+        assert list(item["tasks"]) == ["ctr", "ysl"]
+        assert item["tasks"] == dict(zip(("ctr", "ysl"), preds[i].tolist(), strict=True))
     order, items = rank_items(["a", "b", "c", "d"], scored, top_k=2)
     assert order == [1, 3] and len(items) == 2
     assert rank_items(["a", "b", "c", "d"], scored, top_k=10)[0] == [1, 3, 0, 2]
