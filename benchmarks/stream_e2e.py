@@ -17,14 +17,17 @@ project's launcher on free ports and stops them at the end.
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
+import orjson
 from kafka import KafkaConsumer, KafkaProducer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,11 +38,15 @@ from tests.conftest import free_port
 from tests.integration.stream_harness import (
     StreamEnv,
     WorkerProc,
+    as_log_pairs,
     closing_impressions,
+    consume_all,
     horizon,
     produce,
+    samples_by_impression,
     simulated_log,
 )
+from tests.reference_join import ReferenceResult, reference_join
 
 logger = logging.getLogger("bench.stream")
 
@@ -127,6 +134,36 @@ def time_worker(senv: StreamEnv, impressions: int) -> tuple[int, float]:
     return n, join_s
 
 
+def check_output(senv: StreamEnv, want: ReferenceResult) -> str:
+    """Compare the samples with the reference join; explain each dead letter."""
+    raw = consume_all(senv.bootstrap, senv.topic("samples"), until=len(want.labels))
+    got = samples_by_impression(raw)
+    wrong = [
+        imp_id
+        for imp_id, labels in want.labels.items()
+        if imp_id not in got or any(s.labels != labels for s in got[imp_id])
+    ]
+    letters = [
+        orjson.loads(v)
+        for v in consume_all(senv.bootstrap, senv.topic("dead_letters"), until=0, idle_s=3.0)
+    ]
+    reasons = Counter(str(letter["reason"]) for letter in letters)
+    # an orphan whose impression is in the log: an event read after its impression's state
+    # expired; how far past the impression's window end it came (event time)
+    past_end = []
+    for letter in letters:
+        event = orjson.loads(base64.b64decode(letter["raw"]))
+        end = want.window_end.get(str(event.get("impression_id")))
+        if letter["reason"] == "orphan" and end is not None:
+            past_end.append(int(event["ts"]) - end)
+    return (
+        f"{len(want.labels) - len(wrong)}/{len(want.labels)} impressions with the reference "
+        f"join's labels (wrong or missing e.g. {wrong[:3]}); dead letters {dict(reasons)}; "
+        f"orphans of known impressions: {len(past_end)}, ms past their window end: "
+        f"min {min(past_end, default=0)}, max {max(past_end, default=0)}"
+    )
+
+
 def run(
     bootstrap: str,
     redis_url: str,
@@ -155,10 +192,12 @@ def run(
         ("baseline passthrough (kafka-python)", impressions / base_s, base_s),
         ("baseline faust agent, count only (ev)", null_eps, events / null_eps),
     ]
+    want = reference_join(as_log_pairs(log), JoinConfig(), now_ms=2**62)
     for engine, senv in senvs.items():
         n, join_s = time_worker(senv, impressions)
         if n < impressions:
             logger.warning("%s: only %s of %s samples within the timeout", engine, n, impressions)
+        logger.info("worker (%s): %s", engine, check_output(senv, want))
         rate = n / join_s if join_s else 0.0
         rows.append((f"worker ({engine}), joined samples", rate, join_s))
         rows.append(
