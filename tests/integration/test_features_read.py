@@ -104,9 +104,9 @@ async def test_values_typed_by_hand_decode_value_by_value(
     assert got.items[1] == [None, "c2", 3.0, None]
 
 
-async def test_one_step_is_one_write_and_connections_are_reused(
-    store: FeatureStore, pipe: RawPipeline, namespace: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def socket_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the writes to asyncio sockets from now on (one per round trip)."""
     writes: list[int] = []
     original = asyncio.StreamWriter.write
 
@@ -115,6 +115,13 @@ async def test_one_step_is_one_write_and_connections_are_reused(
         original(self, data)
 
     monkeypatch.setattr(asyncio.StreamWriter, "write", counting)
+    return writes
+
+
+async def test_one_step_is_one_write_and_connections_are_reused(
+    store: FeatureStore, pipe: RawPipeline, namespace: str, socket_writes: list[int]
+) -> None:
+    writes = socket_writes
     keys = KeySpace(namespace)
     for _ in range(3):
         await pipe.run(read_fields_flow(keys, "u1", [f"i{k}" for k in range(30)], FIELDS))
@@ -128,7 +135,7 @@ async def test_error_replies_raise_and_keep_the_connection_usable(pipe: RawPipel
 
 
 async def test_noscript_replies_are_repaired_in_one_more_round_trip(
-    pipe: RawPipeline, redis_client: redis.Redis, namespace: str, monkeypatch: pytest.MonkeyPatch
+    pipe: RawPipeline, redis_client: redis.Redis, namespace: str, request: pytest.FixtureRequest
 ) -> None:
     keys = KeySpace(namespace)
     a, b, plain = keys.item_features("a"), keys.item_features("b"), f"{namespace}plain"
@@ -140,14 +147,7 @@ async def test_noscript_replies_are_repaired_in_one_more_round_trip(
         merge_command(a, {"x": "0"}, 4),  # older than the first: ignored
     ]
     await pipe.execute([("PING",)])  # open the connection before counting round trips
-    writes: list[int] = []
-    original = asyncio.StreamWriter.write
-
-    def counting(self: asyncio.StreamWriter, data: bytes | bytearray | memoryview) -> None:
-        writes.append(len(data))
-        original(self, data)
-
-    monkeypatch.setattr(asyncio.StreamWriter, "write", counting)
+    writes: list[int] = request.getfixturevalue("socket_writes")
     redis_client.script_flush()  # as after a server restart: EVALSHA answers NOSCRIPT
     assert await pipe.execute(step) == [1, b"OK", 1, b"v", 0]
     assert len(writes) == 2  # the step, then SCRIPT LOAD + the three EVALSHAs again
