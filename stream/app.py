@@ -15,10 +15,12 @@ from typing import Any, cast
 
 import faust
 import redis.asyncio
+from faust.types import TP, Message
 
 from feature_store.counters import AsyncItemCounterWriter, CounterEvent, counter_client
 from feature_store.keys import KeySpace
 from mtlstream.settings import from_env
+from stream.gaps import CommittedReader, OffsetGuard, RangeReader
 from stream.output import BatchOutput, ChangelogTable, OutputSettings, OutputSink
 from stream.settings import StreamSettings
 from stream.worker import JoinWorker
@@ -95,6 +97,11 @@ sink = OutputSink(
     counters=settings.counters_enabled,
 )
 table = ChangelogTable(join_state.data, join_state.changelog_topic.get_topic_name(), output)
+# faust can skip or replay input records around a recovery (see stream/gaps.py)
+guard = OffsetGuard()
+gap_reader = RangeReader(settings.kafka_bootstrap)
+committed_reader = CommittedReader(settings.kafka_bootstrap)
+commit_watch = {"next_check": 0.0}
 health_client = redis.asyncio.Redis.from_url(settings.redis_url, socket_timeout=2.0)
 health_key = KeySpace(settings.namespace).health(settings.health_process)
 
@@ -121,6 +128,82 @@ def _handle(event: faust.EventT[bytes], now_ms: int) -> None:
         )
 
 
+async def _handle_batch(events: list[faust.EventT[bytes]], now_ms: int) -> list[Message]:
+    """Apply a batch, skipping faust's replays and first reading what faust skipped.
+
+    Returns the records read to fill gaps: they are acknowledged to faust (so its commits can
+    pass them) once the output is flushed.
+    """
+    repaired: list[Message] = []
+    replayed = 0
+    for event in events:
+        msg = event.message
+        if msg.topic != settings.ticks_topic:
+            admission = guard.admit(msg.topic, msg.partition, msg.offset)
+            if admission.missing_from is not None:
+                start = admission.missing_from
+                repaired += await _repair(msg.topic, msg.partition, start, msg.offset, now_ms)
+            if not admission.apply:
+                replayed += 1
+                continue
+        _handle(event, now_ms)
+    if replayed:
+        worker.metrics.anomaly("faust_replayed", replayed)
+        logger.info("skipped %s records faust delivered again", replayed)
+    return repaired
+
+
+async def _repair(topic: str, partition: int, start: int, end: int, now_ms: int) -> list[Message]:
+    """Apply the records of ``[start, end)`` that faust skipped, read straight from Kafka."""
+    records = await gap_reader.read(topic, partition, start, end)
+    logger.warning(
+        "faust skipped %s[%s] offsets %s..%s: applied %s records read from Kafka",
+        topic,
+        partition,
+        start,
+        end - 1,
+        len(records),
+    )
+    worker.metrics.anomaly("faust_skipped", len(records))
+    table.partition = sink.partition = partition
+    out = []
+    for r in records:
+        worker.on_record(
+            topic, partition, r.offset, r.key, r.value, table=table, sink=sink, now_ms=now_ms
+        )
+        ts = r.timestamp / 1000.0
+        out.append(
+            Message(topic, partition, r.offset, ts, r.timestamp_type, None, r.key, r.value, None)
+        )
+    return out
+
+
+async def _unstall_commits() -> None:
+    """Commit what faust's stuck commit bookkeeping no longer will (see stream/gaps.py).
+
+    Checked at most once a second, after a flush (everything below the guard's expected
+    offsets is then applied and durable). Commits through faust 0.15.3's
+    ``Consumer._commit_offsets`` (no public call commits given offsets), which also brings its
+    bookkeeping up to date.
+    """
+    now = time.monotonic()
+    if now < commit_watch["next_check"]:
+        return
+    commit_watch["next_check"] = now + 1.0
+    committed = await committed_reader.read(settings.app_id)
+    stuck: dict[TP, int] = {}
+    for tp in list(guard.expected):
+        offsets = guard.stalled(tp, committed.get(tp), now)
+        if offsets is not None:
+            stuck[TP(*tp)] = offsets.stop
+            logger.warning(
+                "commits of %s[%s] stuck at %s: committing %s", *tp, offsets.start, offsets.stop
+            )
+    if stuck:
+        worker.metrics.anomaly("faust_commit_stall", len(stuck))
+        await cast(Any, app.consumer)._commit_offsets(stuck)
+
+
 @app.agent(inputs)
 async def join(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
     """Join impressions, clicks and follow-on clicks into samples, a batch of records at a time."""
@@ -132,9 +215,7 @@ async def join(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
     batches = cast(faust.Stream[bytes], stream).take_events  # StreamT does not declare it
     try:
         async for events in batches(settings.batch_size, within=settings.batch_within_s):
-            now_ms = _now_ms()
-            for event in events:
-                _handle(event, now_ms)
+            repaired = await _handle_batch(list(events), _now_ms())
             # durable before faust acks this batch's input (it does when we ask for the next)
             await output.flush()
             held = worker.held_partitions()
@@ -143,12 +224,17 @@ async def join(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
                 worker.confirm(partition, table)
             if held:
                 await output.flush()
+            for message in repaired:  # durable now: faust may commit past them
+                app.consumer.ack(message)
+            await _unstall_commits()
             if sink.counters:
                 batch, sink.counters = sink.counters, []
                 await counter_events.send(value=batch)
             yield None
     finally:
         await output.stop()
+        await gap_reader.stop()
+        await committed_reader.stop()
 
 
 @app.agent(counter_events)
@@ -196,6 +282,7 @@ def on_assigned(sender: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -
     assigned: set[Any] = args[0] if args else kwargs.get("assigned", set())
     owned = {tp.partition for tp in assigned if tp.topic == settings.impressions_topic}
     worker.revoke({p for p in list(worker.tracker.partitions()) if p not in owned})
+    guard.retain(owned)
 
 
 async def start_metrics_server() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from stream.events import CLICKS, FOLLOW_CLICKS, IMPRESSIONS, Sample, decode_sample
 from stream.join import JoinConfig
@@ -192,6 +192,26 @@ def consume_all(
             break
     consumer.close()
     return values
+
+
+def uncommitted(senv: StreamEnv) -> dict[str, int]:
+    """Records of each input topic past the worker group's committed offsets (0: all committed)."""
+    admin = KafkaAdminClient(bootstrap_servers=senv.bootstrap)
+    try:
+        committed = admin.list_group_offsets(f"stream-{senv.tag}")[f"stream-{senv.tag}"]
+    finally:
+        admin.close()
+    consumer = KafkaConsumer(bootstrap_servers=senv.bootstrap)
+    try:
+        tps = [TopicPartition(senv.topic(k), p) for k in KINDS for p in range(senv.partitions)]
+        ends = consumer.end_offsets(tps)
+    finally:
+        consumer.close()
+    out = dict.fromkeys(KINDS, 0)
+    for kind, tp in zip([k for k in KINDS for _ in range(senv.partitions)], tps, strict=True):
+        done = committed[tp].offset if tp in committed else 0
+        out[kind] += ends[tp] - done
+    return out
 
 
 def samples_by_impression(raw: Iterable[bytes]) -> dict[str, list[Sample]]:
