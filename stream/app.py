@@ -218,8 +218,8 @@ async def join(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
             repaired = await _handle_batch(list(events), _now_ms())
             # durable before faust acks this batch's input (it does when we ask for the next)
             await output.flush()
-            held = worker.held_partitions()
-            for partition in held:  # their samples are acknowledged: write the states too
+            held = worker.unconfirmed_partitions()
+            for partition in held:  # samples acknowledged: write their states, event times
                 table.partition = partition
                 worker.confirm(partition, table)
             if held:

@@ -12,8 +12,8 @@ fetches records in batches:
   partition of the changelog topic faust uses (``{app_id}-join_state-changelog``, compacted);
 - per batch: handle the records, flush the output (:class:`stream.output.BatchOutput`, which
   waits for the broker's acknowledgement), write the states held back for those samples and
-  flush again, then commit the batch's offsets, so everything derived from a committed offset
-  is durable (at-least-once, deterministic sample ids);
+  the partitions' event times, flush again, then commit the batch's offsets, so everything
+  derived from a committed offset is durable (at-least-once, deterministic sample ids);
 - idle partitions are ticked from the loop itself (no tick topic), and an input partition with
   records still to read (behind its high watermark) never counts as idle; counters, metrics,
   the status line and the health key are those of the faust engine.
@@ -229,8 +229,8 @@ class DirectJoin:
         """
         offsets, self.pending = self.pending, {}
         await self.output.flush()
-        held = [p for p in self.worker.held_partitions() if p in self.data]
-        for partition in held:  # their samples are acknowledged now: write the states
+        held = [p for p in self.worker.unconfirmed_partitions() if p in self.data]
+        for partition in held:  # their samples are acknowledged now: write states, event times
             self._select(partition)
             self.worker.confirm(partition, self.table)
         if held:

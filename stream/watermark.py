@@ -89,6 +89,26 @@ class WatermarkTracker:
         """Forget a partition (after a rebalance took it away)."""
         self._partitions.pop(partition, None)
 
+    def event_times(self, partition: int) -> dict[str, int]:
+        """The largest event time read from each input of ``partition`` (inputs with none left
+        out): what a new owner of the partition needs to go on from (:meth:`restore`)."""
+        part = self._partitions.get(partition)
+        if part is None:
+            return {}
+        return {t: s.max_ts for t, s in part.inputs.items() if s.max_ts is not None}
+
+    def restore(self, partition: int, event_times: dict[str, int], now_ms: int) -> None:
+        """Start from a previous owner's :meth:`event_times` (unknown topics are ignored).
+
+        Without them, a partition whose records were all read and committed by its previous
+        owner would have no event time at all, and the keys it recovered would never be due.
+        """
+        self.assign(partition, now_ms)
+        for topic, ts in event_times.items():
+            slot = self._partitions[partition].inputs.get(topic)
+            if slot is not None and (slot.max_ts is None or ts > slot.max_ts):
+                slot.max_ts = ts
+
     def observe(self, topic: str, partition: int, ts: int | None, now_ms: int) -> None:
         """Record that a record was read; ``ts`` is its event time, None if it had none."""
         part = self._partitions.get(partition)

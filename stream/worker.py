@@ -12,6 +12,11 @@ its deadline is already due, and the sample is emitted again with the same ``sam
 The engines flush the output, then :meth:`JoinWorker.confirm` the held states and flush again,
 and only then let the input offsets be committed, so a committed offset never stands for a
 state the changelog lacks.
+
+The same confirm step writes each partition's event times (the largest ``ts`` read from each
+input) under a reserved key, :func:`event_times_key`. A partition's next owner restores them: if
+the previous owner read and committed every record, nothing is left to read that could give the
+new owner an event time, and without them the keys it recovered would never be due.
 """
 
 from __future__ import annotations
@@ -38,11 +43,21 @@ from stream.join import JoinConfig, JoinResult, JoinState, deadline, step
 from stream.metrics import StreamMetrics
 from stream.watermark import NO_WATERMARK, DeadlineIndex, WatermarkTracker
 
-__all__ = ["Delivery", "JoinWorker", "Sink"]
+__all__ = ["Delivery", "JoinWorker", "Sink", "event_times_key"]
 
 logger = logging.getLogger(__name__)
 
 Table = MutableMapping[bytes, bytes]
+
+# Table keys are impression ids; a key starting with NUL is the worker's own (such ids are
+# refused as input).
+_RESERVED = b"\x00"
+_EVENT_TIMES = _RESERVED + b"event_times:"
+
+
+def event_times_key(partition: int) -> bytes:
+    """The table key under which ``partition``'s event times are kept."""
+    return _EVENT_TIMES + str(partition).encode()
 
 
 class Delivery(Protocol):
@@ -108,6 +123,7 @@ class JoinWorker:
         self._deferred: dict[int, dict[bytes, _Deferred]] = {}
         # keys in the order their samples were sent: acknowledgements arrive roughly in order
         self._deferred_order: dict[int, deque[bytes]] = {}
+        self._saved_times: dict[int, dict[str, int]] = {}  # event times last written, per partition
 
     # -- entry points -------------------------------------------------------------------------
 
@@ -134,6 +150,11 @@ class JoinWorker:
             self._dead_letter(sink, dead_letter(topic, partition, offset, value, exc.reason))
             return
         imp_key = event.impression_id.encode()
+        if imp_key.startswith(_RESERVED):
+            self.tracker.observe(kind, partition, None, now_ms)
+            reason = "bad_value:impression_id"
+            self._dead_letter(sink, dead_letter(topic, partition, offset, value, reason))
+            return
         if key != imp_key:
             # Keyed otherwise (or not at all): send it to the partition that owns its impression.
             self.tracker.observe(kind, partition, None, now_ms)
@@ -152,7 +173,8 @@ class JoinWorker:
         self._expire(partition, watermark, table, sink, now_ms)
 
     def confirm(self, partition: int, table: Table) -> None:
-        """Write the partition's held-back states whose samples are acknowledged.
+        """Write the partition's held-back states whose samples are acknowledged, and its
+        event times if they moved.
 
         Call it after the output is flushed and before the input offsets are committed: a
         committed offset then never stands for a state change the changelog lacks (otherwise a
@@ -160,10 +182,20 @@ class JoinWorker:
         """
         if partition in self._deferred:
             self._confirm(partition, table)
+            times = self.tracker.event_times(partition)
+            if times and times != self._saved_times.get(partition):
+                record = {"pt": partition, "event_times": times}
+                table[event_times_key(partition)] = orjson.dumps(record)
+                self._saved_times[partition] = times
 
-    def held_partitions(self) -> list[int]:
-        """Partitions with states held back until their samples are acknowledged."""
-        return [p for p, held in self._deferred.items() if held]
+    def unconfirmed_partitions(self) -> list[int]:
+        """Partitions with something to :meth:`confirm`: states held back until their samples
+        are acknowledged, or event times not written yet."""
+        return [
+            p
+            for p, held in self._deferred.items()
+            if held or self.tracker.event_times(p) != self._saved_times.get(p, {})
+        ]
 
     def revoke(self, partitions: set[int]) -> None:
         """Forget partitions that a rebalance took away (their new owner rebuilds them)."""
@@ -171,6 +203,7 @@ class JoinWorker:
             self._indexes.pop(p, None)
             self._deferred.pop(p, None)
             self._deferred_order.pop(p, None)
+            self._saved_times.pop(p, None)
             self.tracker.revoke(p)
 
     def open_keys(self) -> int:
@@ -190,12 +223,27 @@ class JoinWorker:
         self.tracker.assign(partition, now_ms)
         recovered = 0
         for key, raw in list(table.items()):
+            if key.startswith(_RESERVED):
+                if key == event_times_key(partition):
+                    self._restore_event_times(partition, raw, now_ms)
+                continue
             state, owner = self._decode_state(key, raw)
             if owner == partition and state is not None:
                 index.set(key.decode(), deadline(state, self.config))
                 recovered += 1
         if recovered:
             logger.info("partition=%s recovered_keys=%s", partition, recovered)
+
+    def _restore_event_times(self, partition: int, raw: bytes | None, now_ms: int) -> None:
+        try:
+            times = orjson.loads(raw or b"null")["event_times"]
+            times = {str(t): int(ts) for t, ts in times.items()}
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            logger.warning("unreadable event times for partition %s: not restored", partition)
+            return
+        self.tracker.restore(partition, times, now_ms)
+        self._saved_times[partition] = self.tracker.event_times(partition)
+        logger.info("partition=%s restored event_times=%s", partition, times)
 
     def _decode_state(self, key: bytes, raw: bytes | None) -> tuple[JoinState | None, int]:
         if raw is None:

@@ -234,3 +234,32 @@ def garbage(n: int, seed: int) -> list[LogRecord]:
     bad: list[Any] = [b"{not json", b'{"impression_id": "x"}', b'{"impression_id": 5, "ts": 1}']
     bad += [b'"just a string"', b'{"impression_id": "y", "ts": "soon"}', b"\xff\xfe"]
     return [(rng.choice(KINDS), b"junk", rng.choice(bad)) for _ in range(n)]
+
+
+def wait_group_split(senv: StreamEnv, members: int, timeout_s: float = 60.0) -> list[list[int]]:
+    """Wait until the workers' group is stable with ``members`` members, each owning input
+    partitions; return the impressions partitions of each."""
+    group = f"stream-{senv.tag}"
+    impressions = senv.topic(IMPRESSIONS)
+    owned: list[list[int]] = []
+    admin = KafkaAdminClient(bootstrap_servers=senv.bootstrap)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            info = admin.describe_groups([group])[group]
+            owned = [_owned(m, impressions) for m in info["members"]]
+            if info["group_state"] == "Stable" and len(owned) == members and all(owned):
+                return owned
+            time.sleep(0.5)
+    finally:
+        admin.close()
+    raise AssertionError(f"group {group} not split over {members} members: {owned}")
+
+
+def _owned(member: dict[str, Any], topic: str) -> list[int]:
+    """The partitions of ``topic`` assigned to a member of a described group."""
+    assignment = member.get("member_assignment")
+    if not isinstance(assignment, dict):
+        return []
+    parts = assignment.get("assigned_partitions", [])
+    return sorted(p for a in parts if a["topic"] == topic for p in a["partitions"])

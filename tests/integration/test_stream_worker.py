@@ -30,6 +30,7 @@ from tests.integration.stream_harness import (
     shuffle_within,
     simulated_log,
     uncommitted,
+    wait_group_split,
 )
 from tests.reference_join import ReferenceResult, reference_join
 
@@ -210,7 +211,10 @@ def test_two_workers_split_partitions_and_emit_each_sample_once(
     a, b = spawn(senv, "a"), spawn(senv, "b")
     a.wait_ready()
     b.wait_ready()
-    time.sleep(3)  # let the group settle before traffic: a rebalance mid-stream may duplicate
+    # let the group settle before traffic: a rebalance mid-stream may duplicate, and a worker
+    # alone in the group for a while may read everything before the other one is given any
+    owned = wait_group_split(senv, members=2)
+    assert sorted(p for ps in owned for p in ps) == list(range(senv.partitions))
     produce(senv, log + closing)
     raw = consume_all(kafka_bootstrap, senv.topic("samples"), until=len(want.labels))
     assert a.stop() == 0 and b.stop() == 0
@@ -219,6 +223,36 @@ def test_two_workers_split_partitions_and_emit_each_sample_once(
     assert sum(len(v) for v in got.values()) == len(got), "some sample was emitted twice"
     # both took part: each read some of the input
     assert _events_seen(a.text()) > 0 and _events_seen(b.text()) > 0
+
+
+def test_a_new_owner_finishes_what_the_previous_one_read_to_the_end(
+    spawn: Spawn, kafka_bootstrap: str, redis_url: str, tmp_path: Path
+) -> None:
+    # The first worker reads and commits every record but stops before its inputs go idle, so
+    # the last windows are still open. The second has nothing left to read: only the event
+    # times the first one saved can tell it that those windows are over.
+    senv = StreamEnv(kafka_bootstrap, redis_url, tmp_path)
+    senv.extra["MTL_IDLE_TIMEOUT_MS"] = "600000"
+    log = simulated_log(600, seed=17)
+    want = _expected(log)
+    produce(senv, log + closing_impressions(senv.partitions, horizon(log, CONFIG)))
+    first = spawn(senv, "first")
+    first.wait_ready()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if _events_seen(first.text()) >= len(log) and not any(uncommitted(senv).values()):
+            break
+        time.sleep(0.5)
+    assert first.stop() == 0
+    assert _events_seen(first.text()) >= len(log) and not any(uncommitted(senv).values())
+    assert _samples_emitted(first.text()) < len(want.labels), "nothing was left open"
+    senv.extra["MTL_IDLE_TIMEOUT_MS"] = "1500"
+    second = spawn(senv, "second")
+    second.wait_ready()
+    raw = consume_all(kafka_bootstrap, senv.topic("samples"), until=len(want.labels))
+    assert second.stop() == 0
+    assert _events_seen(second.text()) == 0  # everything was committed: it read nothing
+    _check_labels(samples_by_impression(raw), want)  # type: ignore[arg-type]
 
 
 def _check(senv: StreamEnv) -> subprocess.CompletedProcess[bytes]:

@@ -8,7 +8,7 @@ import orjson
 
 from stream.events import DecodeLimits
 from stream.join import JoinConfig
-from stream.worker import JoinWorker
+from stream.worker import JoinWorker, event_times_key
 
 TOPICS = {"imp": "impressions", "clk": "clicks", "fol": "follow_clicks"}
 CONFIG = JoinConfig(click_window_ms=10_000, follow_window_ms=10_000, allowed_lateness_ms=1_000)
@@ -87,20 +87,20 @@ def test_emitted_state_is_held_back_until_its_sample_is_acknowledged() -> None:
     )
     assert [key for key, _, _ in sink.samples] == [b"a"]
     assert table[b"a"] == open_state  # not acknowledged: the table still has the open state
-    assert worker.held_partitions() == [0]
+    assert worker.unconfirmed_partitions() == [0]
     worker.confirm(0, table)
     assert table[b"a"] == open_state  # confirming before the acknowledgement changes nothing
 
     sink.ack_all()
     worker.confirm(0, table)
     assert orjson.loads(table[b"a"])["ph"] == 2  # the final-mode tombstone
-    assert worker.held_partitions() == []
+    assert worker.unconfirmed_partitions() == []
 
 
 def test_confirm_of_an_unknown_partition_is_a_no_op() -> None:
     worker, table = _worker(), {b"x": b"1"}
     worker.confirm(7, table)
-    assert table == {b"x": b"1"} and worker.held_partitions() == []
+    assert table == {b"x": b"1"} and worker.unconfirmed_partitions() == []
 
 
 def test_bad_input_is_dead_lettered_and_misrouted_input_forwarded() -> None:
@@ -113,4 +113,49 @@ def test_bad_input_is_dead_lettered_and_misrouted_input_forwarded() -> None:
     assert [(d["offset"], d["reason"]) for d in sink.letters][:1] == [(41, "invalid_json")]
     assert [d["offset"] for d in sink.letters] == [41, 42]
     assert sink.forwarded == [("imp", b"z")]
+    assert table == {}
+
+
+def test_a_new_owner_finishes_recovered_keys_with_the_event_times_it_restores() -> None:
+    # The previous owner read (and committed) every record, then lost the partition before its
+    # inputs went idle: nothing is left to read, so only the saved event times can close "a".
+    first, sink = _worker(), MemorySink()
+    table: dict[bytes, bytes] = {}
+    _feed(first, table, sink, "a", T0)
+    _feed(first, table, sink, "b", T0 + 12_000)  # past a's window, but follow_clicks has no time
+    assert sink.samples == []
+    assert first.unconfirmed_partitions() == [0]  # event times not written yet
+    first.confirm(0, table)
+    assert first.unconfirmed_partitions() == []
+    saved = orjson.loads(table[event_times_key(0)])
+    assert saved == {"pt": 0, "event_times": {"impressions": T0 + 12_000, "clicks": T0 + 12_001}}
+
+    second, sink2 = _worker(), MemorySink()
+    second.on_tick(0, table=table, sink=sink2, now_ms=NOW)  # recovers the keys; inputs active
+    assert sink2.samples == []
+    second.on_tick(0, table=table, sink=sink2, now_ms=NOW + 60_001)  # every input idle now
+    assert [key for key, _, _ in sink2.samples] == [b"a"]
+    assert second.unconfirmed_partitions() == [0]  # a's sample is not acknowledged yet
+
+    # without the saved times the same table never closes "a": the bug this guards against
+    del table[event_times_key(0)]
+    third, sink3 = _worker(), MemorySink()
+    third.on_tick(0, table=table, sink=sink3, now_ms=NOW)
+    third.on_tick(0, table=table, sink=sink3, now_ms=NOW + 60_001)
+    assert sink3.samples == []
+
+
+def test_unreadable_event_times_are_skipped_and_other_partitions_ignored() -> None:
+    worker, sink = _worker(), MemorySink()
+    table = {event_times_key(0): b"{broken", event_times_key(1): b'{"event_times": {"clicks": 5}}'}
+    worker.on_tick(0, table=table, sink=sink, now_ms=NOW)
+    assert worker.tracker.event_times(0) == {}
+
+
+def test_an_impression_id_in_the_reserved_key_space_is_dead_lettered() -> None:
+    worker, sink = _worker(), MemorySink()
+    table: dict[bytes, bytes] = {}
+    raw = _imp("\x00event_times:0", T0)
+    worker.on_record("imp", 0, 7, b"\x00event_times:0", raw, table=table, sink=sink, now_ms=NOW)
+    assert [(d["offset"], d["reason"]) for d in sink.letters] == [(7, "bad_value:impression_id")]
     assert table == {}

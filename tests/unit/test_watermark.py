@@ -188,3 +188,13 @@ def test_deadline_index_matches_a_dict_and_stays_compact() -> None:
                 del model[k]
         assert len(idx) == len(model)
     assert len(idx._heap) <= 2 * len(model) + 65  # lazy deletion does not leak
+
+
+def test_restored_event_times_hold_until_idle_and_never_lower_what_was_read() -> None:
+    wm = WatermarkTracker(allowed_lateness_ms=100, idle_timeout_ms=1_000)
+    wm.observe("clicks", 3, ts=9_000, now_ms=0)
+    wm.restore(3, {"impressions": 5_000, "clicks": 7_000, "unknown": 1}, now_ms=0)
+    assert wm.event_times(3) == {"impressions": 5_000, "clicks": 9_000}
+    assert wm.watermark(3, now_ms=500) == NO_WATERMARK  # follow_clicks is active, no time yet
+    assert wm.watermark(3, now_ms=1_001) == 8_900  # all idle: the restored times are all there is
+    assert wm.event_times(4) == {}
