@@ -178,25 +178,29 @@ class JoinState:
     def _from_dict(cls, obj: dict[str, Any]) -> JoinState:
         if obj.get("v") != _STATE_VERSION:
             raise BadStateError(f"join state version {obj.get('v')!r}, expected {_STATE_VERSION}")
-        sent = obj.get("s")
+        get = obj.get
         phase = int(obj["ph"])
         if phase not in (OPEN, EARLY, FINAL):
             raise ValueError(f"phase {phase}")
+        imp_id = str(obj["id"])
+        ts, c, e, sent = get("ts"), get("c"), get("e"), get("s")
+        # one is read per event and per deadline: skip the conversions of absent fields
+        ck, fo, pending = get("ck"), get("fo"), get("p")
         return cls(
-            impression_id=str(obj["id"]),
-            imp_ts=_opt_int(obj.get("ts")),
-            user_id=obj.get("u"),
-            item_id=obj.get("i"),
-            features=obj.get("f"),
-            click_ts=_opt_int(obj.get("c")),
-            click_keys=[str(k) for k in obj.get("ck", ())],
-            follows={str(k): int(v) for k, v in obj.get("fo", {}).items()},
-            pending=[_pending_from_list(str(obj["id"]), item) for item in obj.get("p", ())],
+            impression_id=imp_id,
+            imp_ts=None if ts is None else int(ts),
+            user_id=get("u"),
+            item_id=get("i"),
+            features=get("f"),
+            click_ts=None if c is None else int(c),
+            click_keys=[str(k) for k in ck] if ck else [],
+            follows={str(k): int(v) for k, v in fo.items()} if fo else {},
+            pending=[_pending_from_list(imp_id, item) for item in pending] if pending else [],
             phase=phase,
-            end_ts=_opt_int(obj.get("e")),
-            revision=int(obj.get("r", -1)),
+            end_ts=None if e is None else int(e),
+            revision=int(get("r", -1)),
             sent=None if sent is None else (int(sent[0]), int(sent[1]), int(sent[2])),
-            sent_at=int(obj.get("sa", 0)),
+            sent_at=int(get("sa", 0)),
         )
 
 
@@ -547,10 +551,6 @@ def _imp_ts(st: JoinState) -> int:
     if st.imp_ts is None:  # only a corrupt stored state gets here
         raise BadStateError(f"join state of {st.impression_id!r} lost its impression time")
     return st.imp_ts
-
-
-def _opt_int(value: Any) -> int | None:
-    return None if value is None else int(value)
 
 
 def _pending_to_list(event: Click | FollowClick) -> list[Any]:

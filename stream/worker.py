@@ -39,7 +39,7 @@ from stream.events import (
     decode_event,
     encode_sample,
 )
-from stream.join import JoinConfig, JoinResult, JoinState, deadline, step
+from stream.join import FINAL, JoinConfig, JoinResult, JoinState, deadline, step
 from stream.metrics import StreamMetrics
 from stream.watermark import NO_WATERMARK, DeadlineIndex, WatermarkTracker
 
@@ -53,6 +53,7 @@ Table = MutableMapping[bytes, bytes]
 # refused as input).
 _RESERVED = b"\x00"
 _EVENT_TIMES = _RESERVED + b"event_times:"
+_DROPPED = b""  # stands for "some stored state" where a state is dropped without reading it
 
 
 def event_times_key(partition: int) -> bytes:
@@ -124,6 +125,8 @@ class JoinWorker:
         # keys in the order their samples were sent: acknowledgements arrive roughly in order
         self._deferred_order: dict[int, deque[bytes]] = {}
         self._saved_times: dict[int, dict[str, int]] = {}  # event times last written, per partition
+        # keys whose state is final (a tombstone kept for late events): due only to be dropped
+        self._final: dict[int, set[str]] = {}
 
     # -- entry points -------------------------------------------------------------------------
 
@@ -204,6 +207,7 @@ class JoinWorker:
             self._deferred.pop(p, None)
             self._deferred_order.pop(p, None)
             self._saved_times.pop(p, None)
+            self._final.pop(p, None)
             self.tracker.revoke(p)
 
     def open_keys(self) -> int:
@@ -220,6 +224,7 @@ class JoinWorker:
         self._indexes[partition] = index
         self._deferred[partition] = {}
         self._deferred_order[partition] = deque()
+        final = self._final[partition] = set()
         self.tracker.assign(partition, now_ms)
         recovered = 0
         for key, raw in list(table.items()):
@@ -230,6 +235,8 @@ class JoinWorker:
             state, owner = self._decode_state(key, raw)
             if owner == partition and state is not None:
                 index.set(key.decode(), deadline(state, self.config))
+                if state.phase == FINAL:
+                    final.add(key.decode())
                 recovered += 1
         if recovered:
             logger.info("partition=%s recovered_keys=%s", partition, recovered)
@@ -283,7 +290,12 @@ class JoinWorker:
             value = orjson.dumps(encoded)
         deliveries = [self._emit(sink, key, s) for s in result.samples]
         self._store(partition, key, raw, value, deliveries, table)
-        self._indexes[partition].set(key.decode(), deadline(after, self.config))
+        name = key.decode()
+        self._indexes[partition].set(name, deadline(after, self.config))
+        if after is not None and after.phase == FINAL:
+            self._final[partition].add(name)
+        else:
+            self._final[partition].discard(name)
 
     def _emit(self, sink: Sink, key: bytes, sample: Any) -> Delivery:
         self.metrics.sample(sample.kind)
@@ -333,8 +345,15 @@ class JoinWorker:
         if watermark == NO_WATERMARK:
             return
         self.metrics.watermark(partition, now_ms - watermark)
+        final = self._final[partition]
         for key in self._indexes[partition].pop_due(watermark):
-            self._apply(partition, key.encode(), None, watermark, table, sink, now_ms)
+            if key in final:
+                # A final state is next due when its lateness is over, and only to be dropped
+                # (step returns None for it, emitting nothing): skip decoding it.
+                final.discard(key)
+                self._store(partition, key.encode(), _DROPPED, None, [], table)
+            else:
+                self._apply(partition, key.encode(), None, watermark, table, sink, now_ms)
 
     def _count(
         self,

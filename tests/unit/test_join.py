@@ -492,6 +492,10 @@ class Stream:
         result = step(state, event, watermark, self.config, now_ms=NOW)
         if event is None:  # a due tick must do something, else the deadline was early
             assert result.samples or result.orphans or result.state != state
+        if event is None and state is not None and state.phase == FINAL:
+            # what JoinWorker relies on to drop a due final state without reading it
+            assert result.state is None and not result.samples and not result.orphans
+            assert not result.counters
         self.samples += result.samples
         self.orphans += result.orphans
         self.counters.update(result.counters)

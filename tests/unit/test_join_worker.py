@@ -159,3 +159,26 @@ def test_an_impression_id_in_the_reserved_key_space_is_dead_lettered() -> None:
     worker.on_record("imp", 0, 7, b"\x00event_times:0", raw, table=table, sink=sink, now_ms=NOW)
     assert [(d["offset"], d["reason"]) for d in sink.letters] == [(7, "bad_value:impression_id")]
     assert table == {}
+
+
+def test_a_final_state_is_dropped_once_its_lateness_is_over() -> None:
+    worker, sink = _worker(), MemorySink()
+    table: dict[bytes, bytes] = {}
+
+    def follow(imp_id: str, ts: int) -> None:
+        raw = orjson.dumps({"impression_id": imp_id, "ts": ts})
+        worker.on_record("fol", 0, 0, imp_id.encode(), raw, table=table, sink=sink, now_ms=NOW)
+
+    _feed(worker, table, sink, "a", T0)
+    _feed(worker, table, sink, "b", T0 + 12_000)
+    follow("b", T0 + 12_002)  # a's window (click + 10 s) is over: final sample, tombstone
+    sink.ack_all()
+    worker.confirm(0, table)
+    assert orjson.loads(table[b"a"])["ph"] == 2
+    follow("a", T0 + 11_500)  # late, but within the lateness: recognised, counted, no sample
+    assert dict(worker.metrics.anomalies) == {"late_follow": 1}
+    assert [key for key, _, _ in sink.samples] == [b"a"]
+    _feed(worker, table, sink, "c", T0 + 13_500)  # watermark past a's end + 1 s lateness
+    follow("c", T0 + 13_502)
+    assert b"a" not in table and b"b" in table
+    assert [key for key, _, _ in sink.samples] == [b"a"]  # dropping it emitted nothing
