@@ -1,11 +1,17 @@
 """Throughput of the pure join core (no Kafka, no faust), events per second.
 
-Runs three loops over the same synthetic event log and prints one key=value line each:
+Runs four loops and prints one key=value line each:
 
 - ``baseline``: a dict get + set per event (the floor any keyed worker pays);
 - ``step``: the join itself on decoded events: ``step`` per event, deadline index, ticks;
 - ``worker_loop``: the same plus orjson decoding and the watermark tracker, i.e. the pure
-  part of what the faust agent does per record.
+  part of what the faust agent does per record;
+- ``join_worker``: :class:`stream.worker.JoinWorker` itself over 4 partitions, as both engines
+  drive it (table of encoded states, held-back writes confirmed every 2,000 records, sample
+  encoding), with a dict for the table and a sink that acknowledges at once: everything the
+  worker does per record but Kafka. It reads the simulator's log, the one
+  ``benchmarks/stream_e2e.py`` replays, whose windows close while it is read (as in a live
+  stream) rather than all at the end like the synthetic log of the other three.
 
 Usage: ``python benchmarks/join_core.py [--impressions 100000] [--mode final|early]``
 """
@@ -17,8 +23,11 @@ import random
 import time
 from collections.abc import Callable
 
+import orjson
+
 from stream.events import (
     Click,
+    DecodeLimits,
     Event,
     Features,
     FollowClick,
@@ -28,7 +37,10 @@ from stream.events import (
     topic_of,
 )
 from stream.join import JoinConfig, JoinState, deadline, step
+from stream.simulate import SimConfig, generate
+from stream.topics import partition_for
 from stream.watermark import DeadlineIndex, WatermarkTracker
+from stream.worker import JoinWorker
 
 T0 = 1_700_000_000_000
 
@@ -127,6 +139,64 @@ def _drain(
     return emitted
 
 
+def simulated_log(impressions: int, seed: int = 1) -> list[tuple[str, bytes]]:
+    """The simulator's input events, in event-time order (as ``stream_e2e.py`` produces them)."""
+    config = SimConfig.from_dict({"seed": seed, "max_impressions": impressions, "duration_s": None})
+    kinds = ("impressions", "clicks", "follow_clicks")
+    return [(topic, orjson.dumps(value)) for topic, _, value in generate(config) if topic in kinds]
+
+
+class _Acked:
+    def done(self) -> bool:
+        return True
+
+
+class _NullSink:
+    """A sink that counts samples and acknowledges every one at once."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.acked = _Acked()
+
+    def sample(self, key: bytes, value: bytes) -> _Acked:
+        self.samples += 1
+        return self.acked
+
+    def dead_letter(self, value: bytes) -> None:
+        pass
+
+    def forward(self, topic: str, key: bytes, value: bytes) -> None:
+        pass
+
+    def counter(self, item_id: str, kind: str, ts: int) -> None:
+        pass
+
+
+def run_join_worker(raws: list[tuple[str, bytes]], config: JoinConfig, partitions: int = 4) -> int:
+    kinds = ("impressions", "clicks", "follow_clicks")
+    worker = JoinWorker(config, DecodeLimits(), {k: k for k in kinds}, idle_timeout_ms=10**12)
+    tables: dict[int, dict[bytes, bytes]] = {p: {} for p in range(partitions)}
+    sink = _NullSink()
+    now = T0 + 10**10  # the decoder's wall clock: after every event time in the log
+    for offset, (topic, raw) in enumerate(raws):
+        key = orjson.loads(raw)["impression_id"].encode()
+        p = partition_for(key, partitions)
+        worker.on_record(topic, p, offset, key, raw, table=tables[p], sink=sink, now_ms=now)
+        if offset % 2000 == 1999:  # as an engine does after each flushed batch
+            for q in worker.unconfirmed_partitions():
+                worker.confirm(q, tables[q])
+    for p in range(partitions):
+        # the log ended: a far-future impression, then every input idle, every window closes
+        n = 0
+        while partition_for(f"end-{n}".encode(), partitions) != p:
+            n += 1
+        key = f"end-{n}".encode()
+        end = encode_event(Impression(key.decode(), "end", "u", "i", T0 + 10**10, 0))
+        worker.on_record("impressions", p, -1, key, end, table=tables[p], sink=sink, now_ms=now)
+        worker.on_tick(p, table=tables[p], sink=sink, now_ms=now + 10**13)
+    return sink.samples
+
+
 def timed(fn: Callable[[], int], n_events: int, repeat: int) -> tuple[float, int]:
     """Return the best events/s over ``repeat`` runs, and the function's result."""
     best = float("inf")
@@ -157,6 +227,9 @@ def main() -> None:
     print(f"step events_per_s={rate:,.0f} samples={samples} vs_baseline={base / rate:.1f}x_slower")
     rate, samples = timed(lambda: run_worker_loop(raws, config), n, args.repeat)
     print(f"worker_loop events_per_s={rate:,.0f} samples={samples}")
+    sim = simulated_log(args.impressions)
+    rate, samples = timed(lambda: run_join_worker(sim, config), len(sim), args.repeat)
+    print(f"join_worker events={len(sim)} events_per_s={rate:,.0f} samples={samples}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ dead-letters the orphans, and registers :func:`deadline` in a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias
 
@@ -486,7 +487,7 @@ def _finalize(st: JoinState, end: int, out: _Out) -> None:
 def _emit(st: JoinState, kind: SampleKind, labels: _LabelTuple, at: int, out: _Out) -> None:
     imp_ts = _imp_ts(st)
     revision = st.revision + 1
-    lab = Labels(click=labels[0], conversion=labels[1], ysl=labels[2])
+    lab, masks = _labels_and_masks(labels, out.config.ysl_space)
     out.samples.append(
         Sample(
             sample_id=sample_id_for(st.impression_id, revision),
@@ -495,7 +496,7 @@ def _emit(st: JoinState, kind: SampleKind, labels: _LabelTuple, at: int, out: _O
             features=st.features if st.features is not None else {},
             ts=imp_ts,
             labels=lab,
-            masks=Masks.for_labels(lab, out.config.ysl_space),
+            masks=masks,
             kind=kind,
             revision=revision,
             elapsed_ms=at - imp_ts,
@@ -508,6 +509,13 @@ def _emit(st: JoinState, kind: SampleKind, labels: _LabelTuple, at: int, out: _O
 
 
 # --- small helpers ----------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def _labels_and_masks(labels: _LabelTuple, ysl_space: YslSpace) -> tuple[Labels, Masks]:
+    """The (immutable, few distinct) label and mask objects of a sample, built once each."""
+    lab = Labels(click=labels[0], conversion=labels[1], ysl=labels[2])
+    return lab, Masks.for_labels(lab, ysl_space)
 
 
 def _labels(st: JoinState, cfg: JoinConfig) -> _LabelTuple:

@@ -232,6 +232,9 @@ class OutputSink:
             self.counters.append(CounterEvent(item_id, kind, ts))  # type: ignore[arg-type]
 
 
+_NO_DEFAULT: Any = object()
+
+
 class ChangelogTable(MutableMapping[bytes, bytes]):
     """The join state: a mapping whose changes are also buffered as changelog records.
 
@@ -256,6 +259,20 @@ class ChangelogTable(MutableMapping[bytes, bytes]):
     def __delitem__(self, key: bytes) -> None:
         del self.data[key]
         self.output.add(self.topic, self.partition, key, None)
+
+    # MutableMapping's get and pop go through __getitem__ and a KeyError: a miss is the
+    # common case (each new impression), so read the dict directly.
+    def get(self, key: bytes, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def pop(self, key: bytes, default: Any = _NO_DEFAULT) -> Any:
+        if key not in self.data:
+            if default is _NO_DEFAULT:
+                raise KeyError(key)
+            return default
+        value = self.data.pop(key)
+        self.output.add(self.topic, self.partition, key, None)
+        return value
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self.data)

@@ -170,7 +170,7 @@ class JoinWorker:
         self._expire(partition, watermark, table, sink, now_ms)
 
     def on_tick(self, partition: int, *, table: Table, sink: Sink, now_ms: int) -> None:
-        """Advance an (idle) partition: confirm deferred writes and emit what is due."""
+        """Advance an (idle) partition: emit what is due."""
         self._ensure_partition(partition, table, now_ms)
         watermark = self.tracker.watermark(partition, now_ms)
         self._expire(partition, watermark, table, sink, now_ms)
@@ -341,7 +341,6 @@ class JoinWorker:
     def _expire(
         self, partition: int, watermark: int, table: Table, sink: Sink, now_ms: int
     ) -> None:
-        self._confirm(partition, table)
         if watermark == NO_WATERMARK:
             return
         self.metrics.watermark(partition, now_ms - watermark)
