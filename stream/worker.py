@@ -234,9 +234,10 @@ class JoinWorker:
                 continue
             state, owner = self._decode_state(key, raw)
             if owner == partition and state is not None:
-                index.set(key.decode(), deadline(state, self.config))
+                name = key.decode()
+                index.set(name, deadline(state, self.config))
                 if state.phase == FINAL:
-                    final.add(key.decode())
+                    final.add(name)
                 recovered += 1
         if recovered:
             logger.info("partition=%s recovered_keys=%s", partition, recovered)

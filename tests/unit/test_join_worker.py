@@ -182,3 +182,23 @@ def test_a_final_state_is_dropped_once_its_lateness_is_over() -> None:
     follow("c", T0 + 13_502)
     assert b"a" not in table and b"b" in table
     assert [key for key, _, _ in sink.samples] == [b"a"]  # dropping it emitted nothing
+
+
+def test_a_recovered_final_state_is_dropped_too() -> None:
+    worker, sink = _worker(), MemorySink()
+    table: dict[bytes, bytes] = {}
+    _feed(worker, table, sink, "a", T0)
+    _feed(worker, table, sink, "b", T0 + 12_000)
+    fol = orjson.dumps({"impression_id": "b", "ts": T0 + 12_002})
+    worker.on_record("fol", 0, 0, b"b", fol, table=table, sink=sink, now_ms=NOW)
+    sink.ack_all()
+    worker.confirm(0, table)
+    assert orjson.loads(table[b"a"])["ph"] == 2  # a's tombstone, b still open
+
+    second, sink2 = _worker(), MemorySink()
+    second.on_tick(0, table=table, sink=sink2, now_ms=NOW)  # recovers a (final) and b (open)
+    assert b"a" in table
+    # all idle: the watermark is the last event time read, past a's end + lateness, not b's end
+    second.on_tick(0, table=table, sink=sink2, now_ms=NOW + 60_001)
+    assert b"a" not in table and b"b" in table
+    assert sink2.samples == []  # a dropped without a sample again
