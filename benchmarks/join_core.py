@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-import orjson
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stream.events import (
     Click,
@@ -37,10 +39,10 @@ from stream.events import (
     topic_of,
 )
 from stream.join import JoinConfig, JoinState, deadline, step
-from stream.simulate import SimConfig, generate
 from stream.topics import partition_for
 from stream.watermark import DeadlineIndex, WatermarkTracker
 from stream.worker import JoinWorker
+from tests.integration.stream_harness import LogRecord, closing_impressions, simulated_log
 
 T0 = 1_700_000_000_000
 
@@ -139,13 +141,6 @@ def _drain(
     return emitted
 
 
-def simulated_log(impressions: int, seed: int = 1) -> list[tuple[str, bytes]]:
-    """The simulator's input events, in event-time order (as ``stream_e2e.py`` produces them)."""
-    config = SimConfig.from_dict({"seed": seed, "max_impressions": impressions, "duration_s": None})
-    kinds = ("impressions", "clicks", "follow_clicks")
-    return [(topic, orjson.dumps(value)) for topic, _, value in generate(config) if topic in kinds]
-
-
 class _Acked:
     def done(self) -> bool:
         return True
@@ -172,27 +167,28 @@ class _NullSink:
         pass
 
 
-def run_join_worker(raws: list[tuple[str, bytes]], config: JoinConfig, partitions: int = 4) -> int:
+PARTITIONS = 4
+
+
+def partitioned(log: list[LogRecord]) -> list[tuple[str, int, bytes, bytes]]:
+    """The log's records with their input partition (as Kafka's partitioner assigns them), then
+    one far-future impression per partition so that every window closes."""
+    log = log + closing_impressions(PARTITIONS, T0 + 10**10)
+    return [(kind, partition_for(key, PARTITIONS), key, raw) for kind, key, raw in log]
+
+
+def run_join_worker(records: list[tuple[str, int, bytes, bytes]], config: JoinConfig) -> int:
     kinds = ("impressions", "clicks", "follow_clicks")
     worker = JoinWorker(config, DecodeLimits(), {k: k for k in kinds}, idle_timeout_ms=10**12)
-    tables: dict[int, dict[bytes, bytes]] = {p: {} for p in range(partitions)}
+    tables: dict[int, dict[bytes, bytes]] = {p: {} for p in range(PARTITIONS)}
     sink = _NullSink()
     now = T0 + 10**10  # the decoder's wall clock: after every event time in the log
-    for offset, (topic, raw) in enumerate(raws):
-        key = orjson.loads(raw)["impression_id"].encode()
-        p = partition_for(key, partitions)
+    for offset, (topic, p, key, raw) in enumerate(records):
         worker.on_record(topic, p, offset, key, raw, table=tables[p], sink=sink, now_ms=now)
         if offset % 2000 == 1999:  # as an engine does after each flushed batch
             for q in worker.unconfirmed_partitions():
                 worker.confirm(q, tables[q])
-    for p in range(partitions):
-        # the log ended: a far-future impression, then every input idle, every window closes
-        n = 0
-        while partition_for(f"end-{n}".encode(), partitions) != p:
-            n += 1
-        key = f"end-{n}".encode()
-        end = encode_event(Impression(key.decode(), "end", "u", "i", T0 + 10**10, 0))
-        worker.on_record("impressions", p, -1, key, end, table=tables[p], sink=sink, now_ms=now)
+    for p in range(PARTITIONS):  # the log ended: every input idle, every window closes
         worker.on_tick(p, table=tables[p], sink=sink, now_ms=now + 10**13)
     return sink.samples
 
@@ -227,7 +223,7 @@ def main() -> None:
     print(f"step events_per_s={rate:,.0f} samples={samples} vs_baseline={base / rate:.1f}x_slower")
     rate, samples = timed(lambda: run_worker_loop(raws, config), n, args.repeat)
     print(f"worker_loop events_per_s={rate:,.0f} samples={samples}")
-    sim = simulated_log(args.impressions)
+    sim = partitioned(simulated_log(args.impressions, seed=1))
     rate, samples = timed(lambda: run_join_worker(sim, config), len(sim), args.repeat)
     print(f"join_worker events={len(sim)} events_per_s={rate:,.0f} samples={samples}")
 

@@ -270,8 +270,8 @@ class ChangelogTable(MutableMapping[bytes, bytes]):
             if default is _NO_DEFAULT:
                 raise KeyError(key)
             return default
-        value = self.data.pop(key)
-        self.output.add(self.topic, self.partition, key, None)
+        value = self.data[key]
+        del self[key]
         return value
 
     def __iter__(self) -> Iterator[bytes]:
